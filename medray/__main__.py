@@ -1,0 +1,3 @@
+from medray.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""`medray` command line: train, evaluate, predict, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from medray.errors import MedrayError
+from medray.tasks import TASKS
+
+
+def _train(args) -> int:
+    from medray.train import train
+
+    train(args.task, args.data, args.out, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+          lr=args.lr, workers=args.workers, gpu=args.gpu, storage=args.storage, name=args.name, seed=args.seed,
+          val_fraction=args.val_fraction, group_column=args.group_column, label_column=args.label_column,
+          max_failures=args.max_failures, address=args.address)
+    return 0
+
+
+def _evaluate(args) -> int:
+    from medray.bundle import load_bundle
+    from medray.inference import evaluate_file
+
+    print(json.dumps(evaluate_file(load_bundle(args.bundle), args.data), indent=2))
+    return 0
+
+
+def _predict(args) -> int:
+    from medray.bundle import load_bundle
+    from medray.inference import predict_file, prediction_rows, write_predictions
+
+    bundle = load_bundle(args.bundle)
+    ds, probs = predict_file(bundle, args.data)
+    write_predictions(prediction_rows(bundle, ds.ids, probs), args.out, sys.stdout)
+    if args.out:
+        print(f"{len(ds)} predictions written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _demo(args) -> int:
+    from medray.demo import run_demo
+
+    run_demo(args.workdir, workers=args.workers, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medray", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model as a Ray Train job and write a bundle")
+    t.add_argument("task", choices=TASKS)
+    t.add_argument("--data", required=True, help="CSV/Parquet (exercise), image folder or manifest CSV "
+                   "(ultrasound), FASTA or CSV (genomic)")
+    t.add_argument("--out", required=True, help="bundle directory to write")
+    t.add_argument("--model", help="architecture (default: the task's best measured one; see presets/)")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--workers", type=int, default=2, help="Ray Train workers (data-parallel), default 2")
+    t.add_argument("--gpu", action="store_true", help="one GPU per worker, mixed precision")
+    t.add_argument("--storage", help="checkpoint storage path or URI (default $MEDRAY_STORAGE or ~/medray-runs)")
+    t.add_argument("--name", help="run name; the same name and storage resume (default: derived from data+config)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--val-fraction", type=float, default=0.2)
+    t.add_argument("--group-column", help="group validation split by COLUMN, FILE:COLUMN or id-prefix[:SEP]")
+    t.add_argument("--label-column", help="exercise: label column (default: the last column)")
+    t.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
+    t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local instance)")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("evaluate", help="metrics of a bundle on labelled data, as JSON")
+    e.add_argument("bundle")
+    e.add_argument("--data", required=True)
+    e.set_defaults(func=_evaluate)
+
+    pr = sub.add_parser("predict", help="predictions of a bundle, one row per input (CSV or .jsonl)")
+    pr.add_argument("bundle")
+    pr.add_argument("--data", required=True)
+    pr.add_argument("--out", help="output file (.csv or .jsonl); default CSV on stdout")
+    pr.set_defaults(func=_predict)
+
+    d = sub.add_parser("demo", help="generate synthetic data for all tasks, train, evaluate, summarise")
+    d.add_argument("--workdir", default=".medray-demo")
+    d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--quick", action="store_true", help="smaller data and fewer epochs (for tests)")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MedrayError as e:
+        print(f"medray: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `medray predict … | head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("medray: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

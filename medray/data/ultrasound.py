@@ -1,0 +1,144 @@
+"""Ultrasound images: PNG/JPEG (grayscale or colour) and DICOM, by class folder or CSV manifest.
+
+Images are decoded to 8-bit grayscale and resized here; normalisation is fitted preprocessing
+(`medray.preprocessing.ImageNormalizer`). Serving decodes request bodies with `decode_image`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from medray.data.dataset import Dataset
+from medray.data.tables import is_table, read_table, row_name
+from medray.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
+MAX_PIXELS = 40_000_000  # decompression-bomb guard: refuse images above 40 megapixels
+
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+def _is_dicom(data: bytes) -> bool:
+    return len(data) > 132 and data[128:132] == b"DICM"
+
+
+def _dicom_to_gray(data: bytes, name: str) -> np.ndarray:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        pixels = ds.pixel_array.astype(np.float64)
+    except Exception as e:
+        raise DataError(f"{name}: unreadable DICOM: {e}") from None
+    if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):  # colour ultrasound frame
+        pixels = pixels[..., :3].mean(axis=-1)
+    elif pixels.ndim == 3:  # multi-frame cine loop: first frame
+        pixels = pixels[0]
+    if pixels.ndim != 2 or pixels.size == 0:
+        raise DataError(f"{name}: DICOM pixel data has unsupported shape {pixels.shape}")
+    if pixels.size > MAX_PIXELS:
+        raise DataError(f"{name}: image has {pixels.size} pixels, over the {MAX_PIXELS} limit")
+    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    pixels = pixels * slope + intercept
+    lo, hi = float(pixels.min()), float(pixels.max())
+    scaled = np.zeros_like(pixels) if hi <= lo else (pixels - lo) * (255.0 / (hi - lo))
+    if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
+        scaled = 255.0 - scaled
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def decode_image(data: bytes, size: int, name: str = "image") -> np.ndarray:
+    """Decode PNG/JPEG/BMP/TIFF/DICOM bytes to a (size, size) uint8 grayscale array.
+
+    Raises DataError naming `name` for empty, truncated, non-image, oversized (decompression
+    bomb) or otherwise undecodable input.
+    """
+    if not data:
+        raise DataError(f"{name}: empty file")
+    if _is_dicom(data):
+        img = Image.fromarray(_dicom_to_gray(data, name), mode="L")
+    else:
+        try:
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise DataError(f"{name}: image is {w}x{h} pixels, over the {MAX_PIXELS} limit")
+            img.load()  # forces full decode: truncated files fail here
+        except DataError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise DataError(f"{name}: image is over the {MAX_PIXELS}-pixel limit (decompression bomb)") from None
+        except UnidentifiedImageError:
+            raise DataError(f"{name}: not an image file (PNG, JPEG, BMP, TIFF or DICOM expected)") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"{name}: corrupt or truncated image: {e}") from None
+        if img.mode not in ("L", "RGB"):
+            img = img.convert("RGBA").convert("RGB") if "A" in img.getbands() or img.mode == "P" else img.convert("RGB")
+        img = img.convert("L")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_image(path: str, size: int) -> np.ndarray:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    return decode_image(data, size, name=str(path))
+
+
+def _list_class_folders(root: Path) -> pd.DataFrame:
+    rows = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for f in sorted(class_dir.rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                rows.append({"path": str(f.relative_to(root)), "label": class_dir.name})
+    if not rows:
+        raise DataError(f"{root}: no images found (expected one subfolder per class holding PNG/JPEG/DICOM files)")
+    return pd.DataFrame(rows)
+
+
+def list_images(path: str, require_labels: bool = True) -> tuple[Path, pd.DataFrame]:
+    """The images of a dataset: (root that paths are relative to, table with `path` [, `label`])."""
+    p = Path(path)
+    if p.is_dir():
+        return p, _list_class_folders(p)
+    if p.is_file() and is_table(str(p)):
+        df = read_table(str(p))
+        if "path" not in df.columns:
+            raise DataError(f"{p}: manifest needs a 'path' column (columns: {list(df.columns)[:8]})")
+        if require_labels and "label" not in df.columns:
+            raise DataError(f"{p}: manifest needs a 'label' column")
+        return p.parent, df
+    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+        return p.parent, pd.DataFrame({"path": [p.name]})
+    raise DataError(f"{path}: expected a folder of class subfolders, a CSV manifest 'path,label', or an image file")
+
+
+def read_ultrasound(path: str, *, size: int, require_labels: bool = True) -> Dataset:
+    root, df = list_images(path, require_labels=require_labels)
+    images = np.empty((len(df), size, size), dtype=np.uint8)
+    ids = []
+    for i, rel in enumerate(df["path"].astype(str)):
+        full = rel if os.path.isabs(rel) else str(root / rel)
+        if not os.path.exists(full):
+            where = f"{path}: {row_name(path, i)}: " if Path(path).is_file() else ""
+            raise DataError(f"{where}{full}: no such image file")
+        images[i] = load_image(full, size)
+        ids.append(rel)
+    labels = None
+    if "label" in df.columns:
+        if df["label"].isna().any():
+            i = int(np.flatnonzero(df["label"].isna().to_numpy())[0])
+            raise DataError(f"{path}: {row_name(path, i)}: missing label")
+        labels = df["label"].astype(str).str.strip().to_numpy()
+    return Dataset(source=str(path), inputs=images, ids=ids, labels=labels, table=df.reset_index(drop=True))

@@ -1,0 +1,49 @@
+"""Classification metrics reported by training (validation) and `medray evaluate`."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
+
+
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict:
+    """n, accuracy, balanced_accuracy, macro_f1, auroc (one-vs-rest macro over classes present),
+    per-class sensitivity/specificity/support, confusion_matrix (rows = true), labels."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    k = len(labels)
+    y_pred = probs.argmax(axis=1)
+    cm = confusion_matrix(y_true, y_pred, labels=list(range(k)))
+    present = [c for c in range(k) if (y_true == c).any()]
+    auroc = None
+    if len(present) >= 2:
+        try:
+            if k == 2:
+                auroc = float(roc_auc_score(y_true, probs[:, 1]))
+            else:
+                scores = [roc_auc_score(y_true == c, probs[:, c]) for c in present]
+                auroc = float(np.mean(scores))
+        except ValueError:
+            auroc = None
+    per_class = {}
+    total = cm.sum()
+    for c, name in enumerate(labels):
+        tp = cm[c, c]
+        fn = cm[c].sum() - tp
+        fp = cm[:, c].sum() - tp
+        tn = total - tp - fn - fp
+        per_class[name] = {
+            "support": int(cm[c].sum()),
+            "sensitivity": float(tp / (tp + fn)) if tp + fn else None,
+            "specificity": float(tn / (tn + fp)) if tn + fp else None,
+        }
+    return {
+        "n": int(len(y_true)),
+        "accuracy": float((y_pred == y_true).mean()) if len(y_true) else None,
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)) if len(present) else None,
+        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "auroc": auroc,
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+        "labels": list(labels),
+    }

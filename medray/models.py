@@ -1,0 +1,127 @@
+"""Model architectures, built by name from the JSON spec stored in a bundle.
+
+`build_model({"name": ..., "params": {...}}, input_shape, n_classes)` is the only constructor
+that training and serving use. Every model maps (N, *input_shape) float32 to (N, n_classes) logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    """Fully connected baseline: hidden layers with ReLU and dropout (exercise: 64-64, p=0.2)."""
+
+    def __init__(self, input_shape, n_classes, hidden=(64, 64), dropout=0.2):
+        super().__init__()
+        layers, width = [nn.Flatten()], math.prod(input_shape)
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
+            width = h
+        layers.append(nn.Linear(width, n_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class ConvNet1d(nn.Module):
+    """1-D CNN over (channels, length): sensor windows (6 × 100) or one-hot DNA (4 × L).
+
+    Blocks of conv → BatchNorm → ReLU (→ max-pool between blocks), then global max and average
+    pooling, dropout and a linear classifier.
+    """
+
+    def __init__(self, input_shape, n_classes, channels=(64, 64), kernel_size=7, dropout=0.3, pool=2, batch_norm=True):
+        super().__init__()
+        in_ch = input_shape[0] if len(input_shape) == 2 else 1
+        self.shape = (in_ch, input_shape[-1])
+        blocks = []
+        for i, ch in enumerate(channels):
+            blocks += [nn.Conv1d(in_ch, ch, kernel_size, padding=kernel_size // 2)]
+            blocks += [nn.BatchNorm1d(ch)] if batch_norm else []
+            blocks += [nn.ReLU()]
+            if pool > 1 and i < len(channels) - 1:
+                blocks.append(nn.MaxPool1d(pool))
+            in_ch = ch
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * in_ch, n_classes))
+
+    def forward(self, x):
+        h = self.features(x.reshape(x.shape[0], *self.shape))
+        return self.head(torch.cat([h.amax(dim=-1), h.mean(dim=-1)], dim=1))
+
+
+class RecurrentNet(nn.Module):
+    """Bidirectional GRU/LSTM over the sequence positions; mean+max pooled states → linear."""
+
+    def __init__(self, input_shape, n_classes, cell="gru", hidden=64, layers=1, dropout=0.2):
+        super().__init__()
+        self.shape = tuple(input_shape)
+        rnn = {"gru": nn.GRU, "lstm": nn.LSTM}[cell]
+        self.rnn = rnn(input_shape[0], hidden, num_layers=layers, batch_first=True, bidirectional=True,
+                       dropout=dropout if layers > 1 else 0.0)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(4 * hidden, n_classes))
+
+    def forward(self, x):
+        out, _ = self.rnn(x.reshape(x.shape[0], *self.shape).transpose(1, 2))
+        return self.head(torch.cat([out.mean(dim=1), out.amax(dim=1)], dim=1))
+
+
+class SimpleCNN(nn.Module):
+    """The ultrasound baseline: conv16-pool-conv32-pool-fc128 on 1 × 128 × 128."""
+
+    def __init__(self, input_shape, n_classes, dropout=0.3):
+        super().__init__()
+        c, h, w = input_shape
+        self.net = nn.Sequential(
+            nn.Conv2d(c, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(32 * (h // 4) * (w // 4), 128), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(128, n_classes),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class ConvNet2d(nn.Module):
+    """A stronger small image CNN: stages of two 3×3 conv-BN-ReLU then max-pool, global average
+    pooling, dropout, linear. Trained from scratch (no downloaded weights)."""
+
+    def __init__(self, input_shape, n_classes, widths=(16, 32, 64, 128), dropout=0.3):
+        super().__init__()
+        layers, c = [], input_shape[0]
+        for w in widths:
+            layers += [
+                nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+                nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c, n_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+# name -> (constructor, tasks it fits)
+MODELS = {
+    "mlp": (MLP, ("exercise",)),
+    "cnn1d": (ConvNet1d, ("exercise", "genomic")),
+    "gru": (lambda s, n, **p: RecurrentNet(s, n, cell="gru", **p), ("genomic", "exercise")),
+    "lstm": (lambda s, n, **p: RecurrentNet(s, n, cell="lstm", **p), ("genomic", "exercise")),
+    "cnn": (SimpleCNN, ("ultrasound",)),
+    "convnet": (ConvNet2d, ("ultrasound",)),
+}
+
+
+def build_model(arch: dict, input_shape, n_classes: int) -> nn.Module:
+    name = arch["name"]
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r} (known: {', '.join(MODELS)})")
+    return MODELS[name][0](list(input_shape), int(n_classes), **arch.get("params", {}))

@@ -1,0 +1,176 @@
+"""Preprocessing fitted on the training split only, stored in the bundle, replayed at inference.
+
+Each preprocessor turns a task's raw inputs (see `medray.data`) into the float32 array the model
+takes, and round-trips through `to_dict` / `preprocessor_from_dict` (plain JSON).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from medray.data.genomic import BASES, IUPAC
+
+_TIME_COLUMN = re.compile(r"^(.+?)_?(\d+)$")
+
+
+def detect_layout(feature_names: list[str]) -> dict | None:
+    """Channel-major time-series layout of flat features (`ax_000..ax_099, ay_000, …`), or None."""
+    channels: list[str] = []
+    steps: dict[str, list[int]] = {}
+    for name in feature_names:
+        m = _TIME_COLUMN.match(name)
+        if not m:
+            return None
+        ch, t = m.group(1), int(m.group(2))
+        if ch not in steps:
+            if channels and channels[-1] != ch and ch in channels:
+                return None
+            channels.append(ch)
+            steps[ch] = []
+        elif channels[-1] != ch:
+            return None
+        steps[ch].append(t)
+    lengths = {len(v) for v in steps.values()}
+    if len(channels) < 1 or len(lengths) != 1 or lengths.pop() < 8:
+        return None
+    if any(v != sorted(v) for v in steps.values()):
+        return None
+    return {"channels": channels, "steps": len(steps[channels[0]])}
+
+
+class StandardScaler:
+    """Feature standardisation (exercise). With `per_channel` and a time-series layout, one
+    mean/std per sensor channel (shared over time steps); otherwise one per feature."""
+
+    kind = "standard_scaler"
+
+    def __init__(self, feature_names, mean, std, layout=None, per_channel=False):
+        self.feature_names = list(feature_names)
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
+        self.layout = layout
+        self.per_channel = bool(per_channel)
+
+    @classmethod
+    def fit(cls, x: np.ndarray, feature_names, per_channel=False):
+        layout = detect_layout(list(feature_names))
+        x = np.asarray(x, dtype=np.float64)
+        if per_channel and layout:
+            c, t = len(layout["channels"]), layout["steps"]
+            xc = x.reshape(len(x), c, t)
+            mean = np.repeat(xc.mean(axis=(0, 2)), t)
+            std = np.repeat(xc.std(axis=(0, 2)), t)
+        else:
+            per_channel = False
+            mean, std = x.mean(axis=0), x.std(axis=0)
+        std = np.where(std < 1e-8, 1.0, std)
+        return cls(feature_names, mean, std, layout, per_channel)
+
+    @property
+    def input_shape(self) -> list[int]:
+        if self.layout:
+            return [len(self.layout["channels"]), self.layout["steps"]]
+        return [len(self.feature_names)]
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != len(self.feature_names):
+            raise ValueError(f"expected {len(self.feature_names)} features per row, got shape {x.shape}")
+        return ((x - self.mean) / self.std).astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "feature_names": self.feature_names,
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+            "layout": self.layout,
+            "per_channel": self.per_channel,
+        }
+
+
+class ImageNormalizer:
+    """Grayscale images resized to `size`×`size`, scaled to [0, 1], then (x - mean) / std."""
+
+    kind = "image_normalizer"
+
+    def __init__(self, size: int, mean: float, std: float):
+        self.size, self.mean, self.std = int(size), float(mean), float(std)
+
+    @classmethod
+    def fit(cls, images: np.ndarray, size: int):
+        x = np.asarray(images, dtype=np.float64) / 255.0
+        return cls(size, x.mean(), max(float(x.std()), 1e-6))
+
+    @property
+    def input_shape(self) -> list[int]:
+        return [1, self.size, self.size]
+
+    def transform(self, images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images)
+        if images.ndim != 3 or images.shape[1:] != (self.size, self.size):
+            raise ValueError(f"expected images of {self.size}x{self.size}, got shape {images.shape}")
+        x = images.astype(np.float32) / 255.0
+        return ((x - self.mean) / self.std)[:, None, :, :].astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "size": self.size, "mean": self.mean, "std": self.std}
+
+
+_ONE_HOT = np.zeros((256, 4), dtype=np.float32)
+for _code, _bases in IUPAC.items():
+    for _b in _bases:
+        _ONE_HOT[ord(_code), BASES.index(_b)] = 1.0 / len(_bases)
+        _ONE_HOT[ord(_code.lower()), BASES.index(_b)] = 1.0 / len(_bases)
+
+
+class SequenceEncoder:
+    """One-hot DNA (A, C, G, T channels; IUPAC codes as the mix of their bases), centred and
+    padded with zeros or centre-cropped to the `length` fixed at training time."""
+
+    kind = "sequence_encoder"
+
+    def __init__(self, length: int):
+        self.length = int(length)
+
+    @classmethod
+    def fit(cls, sequences: list[str], max_length: int = 10_000):
+        return cls(min(max(len(s) for s in sequences), max_length))
+
+    @property
+    def input_shape(self) -> list[int]:
+        return [4, self.length]
+
+    def encode_one(self, seq: str) -> np.ndarray:
+        codes = np.frombuffer(seq.encode("ascii"), dtype=np.uint8)
+        n, L = len(codes), self.length
+        if n > L:
+            start = (n - L) // 2
+            codes = codes[start : start + L]
+            n = L
+        out = np.zeros((L, 4), dtype=np.float32)
+        offset = (L - n) // 2
+        out[offset : offset + n] = _ONE_HOT[codes]
+        return out.T
+
+    def transform(self, sequences: list[str]) -> np.ndarray:
+        out = np.empty((len(sequences), 4, self.length), dtype=np.float32)
+        for i, s in enumerate(sequences):
+            out[i] = self.encode_one(s)
+        return out
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "length": self.length}
+
+
+def preprocessor_from_dict(d: dict):
+    kind = d.get("kind")
+    if kind == StandardScaler.kind:
+        return StandardScaler(d["feature_names"], d["mean"], d["std"], d.get("layout"), d.get("per_channel", False))
+    if kind == ImageNormalizer.kind:
+        return ImageNormalizer(d["size"], d["mean"], d["std"])
+    if kind == SequenceEncoder.kind:
+        return SequenceEncoder(d["length"])
+    raise ValueError(f"unknown preprocessor kind {kind!r}")

@@ -1,0 +1,46 @@
+"""Connecting to Ray: an existing cluster when one is given, else a local instance.
+
+The local instance advertises more logical CPUs than the machine has (at least 8): with
+`num_cpus` equal to the cores, two training workers (1 CPU each) would take every CPU on a
+2-core laptop, leaving none for Ray Data's read/split tasks and the Train controller, and the
+job would hang waiting for resources. The workers are mostly waiting on each other and on
+data, so over-subscribing logical CPUs costs little; torch threads per worker are capped by Ray
+(OMP_NUM_THREADS = the worker's CPUs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+LOCAL_MIN_CPUS = 8
+
+
+def local_num_cpus() -> int:
+    return max(LOCAL_MIN_CPUS, 2 * (os.cpu_count() or 1))
+
+
+def ensure_ray(address: str | None = None, quiet: bool = True):
+    """Initialise Ray once: `address` (or RAY_ADDRESS) joins a cluster; otherwise local."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs = dict(
+        logging_level=logging.WARNING if quiet else logging.INFO,
+        configure_logging=True,
+        log_to_driver=True,
+        # Workers must import medray: the installed package, or this checkout when run from it.
+        runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}},
+    )
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=local_num_cpus(), **kwargs)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    return ray

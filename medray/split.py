@@ -1,0 +1,63 @@
+"""Validation splits: grouped when groups are known (subject, duplicate group, locus), else stratified."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+
+from medray.data.dataset import Dataset
+from medray.data.tables import read_table
+from medray.errors import DataError
+
+
+def resolve_groups(spec: str | None, ds: Dataset) -> np.ndarray | None:
+    """Group key per row from `--group-column SPEC`:
+
+    - `COLUMN`: a column of the data table (e.g. `subject`, or `dup_group` in an image manifest);
+    - `FILE:COLUMN`: a column of a side table row-aligned with the data (e.g. `meta.csv:subject`);
+    - `id-prefix` or `id-prefix:SEP`: the record id up to the first SEP (default `-`), e.g. the
+      GenBank locus of `BABAPOE-DONOR-30`.
+    """
+    if not spec:
+        return None
+    if spec == "id-prefix" or spec.startswith("id-prefix:"):
+        sep = spec.split(":", 1)[1] if ":" in spec else "-"
+        return np.array([i.split(sep, 1)[0] for i in ds.ids], dtype=object)
+    if spec in ds.table.columns:
+        col = ds.table[spec]
+        if col.isna().any():
+            raise DataError(f"{ds.source}: group column {spec!r} has missing values")
+        return col.astype(str).to_numpy()
+    if ":" in spec:
+        path, column = spec.rsplit(":", 1)
+        side = read_table(path)
+        if column not in side.columns:
+            raise DataError(f"{path}: group column {column!r} not found (columns: {list(side.columns)[:8]})")
+        if len(side) != len(ds):
+            raise DataError(f"{path}: has {len(side)} rows but {ds.source} has {len(ds)}; a group file must be row-aligned")
+        return side[column].astype(str).to_numpy()
+    raise DataError(
+        f"{ds.source}: group column {spec!r} not found (columns: {list(ds.table.columns)[:8]}); "
+        "use COLUMN, FILE:COLUMN or id-prefix[:SEP]"
+    )
+
+
+def split_indices(labels: np.ndarray, groups: np.ndarray | None, val_fraction: float, seed: int):
+    """(train_idx, val_idx): grouped-stratified when groups are given, stratified otherwise."""
+    n = len(labels)
+    if not 0 < val_fraction < 1:
+        raise DataError(f"validation fraction must be between 0 and 1, got {val_fraction}")
+    idx = np.arange(n)
+    if groups is not None:
+        n_splits = max(2, int(round(1 / val_fraction)))
+        n_groups = len(set(groups))
+        if n_groups < 2:
+            raise DataError(f"grouped validation needs at least 2 groups, found {n_groups}")
+        n_splits = min(n_splits, n_groups)
+        folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        tr, va = next(folds.split(idx, labels, groups))
+        return tr, va
+    _, counts = np.unique(labels, return_counts=True)
+    stratify = labels if counts.min() >= 2 else None
+    tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=stratify)
+    return np.sort(tr), np.sort(va)
