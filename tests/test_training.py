@@ -1,0 +1,133 @@
+"""Ray Train jobs on the real datasets: two workers, sharded data, per-epoch checkpoints, bundles,
+resume, and the CLI's predict/evaluate on the bundles. One local Ray instance for the session."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import shared
+from medray.bundle import load_bundle
+from medray.errors import DataError
+from medray.inference import evaluate_file, predict_file
+from medray.train import train
+
+pytestmark = pytest.mark.ray
+
+CASES = {
+    # task: (data, group column, epochs)
+    "genomic": (lambda: shared("genomic", "splice.fasta"), "id-prefix", 8),
+    "exercise": (lambda: shared("exercise", "exercise_windows.csv"),
+                 lambda: f"{shared('exercise', 'exercise_windows_meta.csv')}:subject", 5),
+    "ultrasound": (lambda: shared("ultrasound", "labels.csv"), None, 3),
+}
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, storage, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles")
+    cache = {}
+
+    def get(task):
+        if task not in cache:
+            data, group, epochs = CASES[task]
+            group = group() if callable(group) else group
+            meta = train(task, str(data()), str(out / task), epochs=epochs, workers=2, storage=str(storage),
+                         name=f"test-{task}", group_column=group, seed=0)
+            cache[task] = (meta, out / task, str(data()))
+        return cache[task]
+
+    return get
+
+
+@pytest.mark.parametrize("task", ["genomic", "exercise", "ultrasound"])
+def test_two_workers_train_a_bundle_that_beats_the_majority_class(trained, storage, task):
+    meta, path, data = trained(task)
+    history = meta["metrics"]["history"]
+    epochs = CASES[task][2]
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+    # each worker read only its shard: about half of the training rows each epoch
+    n_train = meta["data"]["train_rows"]
+    for h in history:
+        assert len(h["rows_per_worker"]) == 2
+        assert all(abs(r - n_train / 2) <= 0.05 * n_train for r in h["rows_per_worker"]), h["rows_per_worker"]
+        assert sum(h["rows_per_worker"]) <= n_train
+    # a checkpoint per epoch in the storage path
+    ckpts = sorted((storage / f"test-{task}").glob("checkpoint_*/checkpoint.json"))
+    assert sorted(json.loads(c.read_text())["epoch"] for c in ckpts) == list(range(1, epochs + 1))
+    # the bundle loads without Ray and its validation accuracy beats the majority class
+    bundle = load_bundle(path)
+    val = bundle.meta["metrics"]["validation"]
+    counts = np.array(val["confusion_matrix"]).sum(axis=1)
+    majority = counts.max() / counts.sum()
+    assert val["accuracy"] > majority, (val["accuracy"], majority)
+    for key in ("task", "model", "preprocessing", "labels", "input", "metrics", "versions"):
+        assert key in bundle.meta
+    assert bundle.meta["data"]["fingerprint"] and bundle.meta["versions"]["ray"]
+    # evaluation on the source data works end to end
+    report = evaluate_file(bundle, data)
+    assert report["n"] == meta["data"]["rows"] and report["labels"] == bundle.labels
+
+
+def test_grouped_validation_split_is_disjoint_by_group(trained):
+    meta, path, _ = trained("genomic")
+    assert meta["data"]["split"]["group_column"] == "id-prefix"
+    assert meta["data"]["train_rows"] + meta["data"]["val_rows"] == 2231
+
+
+def test_cli_predict_matches_library_and_evaluate_prints_json(trained, tmp_path):
+    _, path, data = trained("genomic")
+    out = tmp_path / "pred.jsonl"
+    cli = [sys.executable, "-m", "medray"]
+    subprocess.run([*cli, "predict", str(path), "--data", data, "--out", str(out)], check=True)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    ds, probs = predict_file(load_bundle(path), data)
+    assert [r["id"] for r in rows] == ds.ids
+    got = np.array([[r[f"p_{c}"] for c in load_bundle(path).labels] for r in rows])
+    assert np.allclose(got, probs, atol=1e-6)
+    csv = subprocess.run([*cli, "predict", str(path), "--data", data], check=True, capture_output=True, text=True)
+    assert csv.stdout.splitlines()[0] == "id,label,p_EI,p_IE,p_N"
+    ev = subprocess.run([*cli, "evaluate", str(path), "--data", data], check=True, capture_output=True, text=True)
+    report = json.loads(ev.stdout)
+    for key in ("n", "accuracy", "balanced_accuracy", "macro_f1", "auroc", "per_class", "confusion_matrix", "labels"):
+        assert key in report
+    assert set(report["per_class"]["EI"]) >= {"sensitivity", "specificity"}
+
+
+def test_resume_continues_at_epoch_three(ray_session, storage, tmp_path):
+    data = str(shared("genomic", "splice.csv"))
+    kw = dict(workers=2, storage=str(storage), name="test-resume", model="cnn1d", seed=1)
+    first = train("genomic", data, str(tmp_path / "b2"), epochs=2, **kw)
+    assert [h["epoch"] for h in first["metrics"]["history"]] == [1, 2]
+    second = train("genomic", data, str(tmp_path / "b4"), epochs=4, **kw)
+    history = second["metrics"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history[:2] == first["metrics"]["history"]  # epochs 1-2 restored, not retrained
+    assert second["training"]["epochs_trained"] == 4
+    # a different dataset under the same run name is refused rather than mixed in
+    sub = tmp_path / "other.csv"
+    sub.write_text(Path(data).read_text().splitlines()[0] + "\n" + "\n".join(Path(data).read_text().splitlines()[1:600]))
+    with pytest.raises(Exception, match="different data"):
+        train("genomic", str(sub), str(tmp_path / "bx"), epochs=4, **kw)
+
+
+def test_bad_training_inputs_fail_before_any_bundle(ray_session, tmp_path):
+    one_class = tmp_path / "one.fa"
+    one_class.write_text("".join(f">r{i} label=EI\nACGTACGT\n" for i in range(10)))
+    with pytest.raises(DataError, match=r"only one class \('EI'\)"):
+        train("genomic", str(one_class), str(tmp_path / "b"), epochs=1)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,x\n2,y\n")
+    with pytest.raises(DataError, match="no numeric feature columns"):
+        train("exercise", str(bad), str(tmp_path / "b"), epochs=1)
+    assert not (tmp_path / "b").exists()
+    r = subprocess.run([sys.executable, "-m", "medray", "train", "genomic", "--data", str(one_class), "--out",
+                        str(tmp_path / "b")], capture_output=True, text=True)
+    assert r.returncode == 2 and "only one class" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "b").exists()
