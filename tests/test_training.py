@@ -21,11 +21,11 @@ from medray.train import train
 pytestmark = pytest.mark.ray
 
 CASES = {
-    # task: (data, group column, epochs)
-    "genomic": (lambda: shared("genomic", "splice.fasta"), "id-prefix", 8),
+    # task: (data, group column, epochs, learning rate: None = the preset's)
+    "genomic": (lambda: shared("genomic", "splice.fasta"), "id-prefix", 8, None),
     "exercise": (lambda: shared("exercise", "exercise_windows.csv"),
-                 lambda: f"{shared('exercise', 'exercise_windows_meta.csv')}:subject", 5),
-    "ultrasound": (lambda: shared("ultrasound", "labels.csv"), None, 3),
+                 lambda: f"{shared('exercise', 'exercise_windows_meta.csv')}:subject", 5, None),
+    "ultrasound": (lambda: shared("ultrasound", "labels.csv"), None, 12, None),
 }
 
 
@@ -36,9 +36,9 @@ def trained(ray_session, storage, tmp_path_factory):
 
     def get(task):
         if task not in cache:
-            data, group, epochs = CASES[task]
+            data, group, epochs, lr = CASES[task]
             group = group() if callable(group) else group
-            meta = train(task, str(data()), str(out / task), epochs=epochs, workers=2, storage=str(storage),
+            meta = train(task, str(data()), str(out / task), epochs=epochs, lr=lr, workers=2, storage=str(storage),
                          name=f"test-{task}", group_column=group, seed=0)
             cache[task] = (meta, out / task, str(data()))
         return cache[task]
@@ -123,7 +123,7 @@ def test_bad_training_inputs_fail_before_any_bundle(ray_session, tmp_path):
     with pytest.raises(DataError, match=r"only one class \('EI'\)"):
         train("genomic", str(one_class), str(tmp_path / "b"), epochs=1)
     bad = tmp_path / "bad.csv"
-    bad.write_text("a,b\n1,x\n2,y\n")
+    bad.write_text("name,label\nx,p\ny,q\n")
     with pytest.raises(DataError, match="no numeric feature columns"):
         train("exercise", str(bad), str(tmp_path / "b"), epochs=1)
     assert not (tmp_path / "b").exists()
