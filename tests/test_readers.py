@@ -191,3 +191,9 @@ def test_group_side_file(tmp_path):
     assert not set(groups[tr]) & set(groups[va])
     with pytest.raises(DataError, match="group column 'nope' not found"):
         resolve_groups("nope", ds)
+
+
+def test_missing_label_names_the_row(tmp_path):
+    (tmp_path / "s.csv").write_text("sequence,label\nACGT,EI\nACGT,\n")
+    with pytest.raises(DataError, match=r"s\.csv: line 3: missing label in column 'label'"):
+        read_genomic(str(tmp_path / "s.csv"))

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from medray.data.dataset import Dataset
-from medray.data.tables import read_table, row_name
+from medray.data.tables import label_values, read_table, row_name
 from medray.errors import DataError
 
 
@@ -70,11 +70,7 @@ def read_exercise(
 
     labels = None
     if label_column is not None and label_column in df.columns:
-        raw = df[label_column]
-        if raw.isna().any():
-            i = int(np.flatnonzero(raw.isna().to_numpy())[0])
-            raise DataError(f"{path}: {row_name(path, i)}: missing label in column {label_column!r}")
-        labels = raw.astype(str).str.strip().to_numpy()
+        labels = label_values(df, label_column, path)
     return Dataset(
         source=str(path),
         inputs=x,

@@ -14,7 +14,7 @@ import numpy as np
 from Bio import SeqIO
 
 from medray.data.dataset import Dataset
-from medray.data.tables import is_table, read_table, row_name
+from medray.data.tables import is_table, label_values, read_table, row_name
 from medray.errors import DataError
 
 # IUPAC nucleotide code -> the bases it stands for (one-hot mixes them equally).
@@ -79,12 +79,7 @@ def read_genomic(path: str, *, require_labels: bool = True) -> Dataset:
                 raise DataError(f"{path}: {row_name(path, i)}: missing sequence")
             seqs.append(validate_sequence(s, f"{path}: {row_name(path, i)}"))
         ids = df["id"].astype(str).tolist() if "id" in df.columns else [str(i) for i in range(len(df))]
-        labels = None
-        if "label" in df.columns:
-            if df["label"].isna().any():
-                i = int(np.flatnonzero(df["label"].isna().to_numpy())[0])
-                raise DataError(f"{path}: {row_name(path, i)}: missing label")
-            labels = df["label"].astype(str).str.strip().to_numpy()
+        labels = label_values(df, "label", path) if "label" in df.columns else None
         return Dataset(source=path, inputs=seqs, ids=ids, labels=labels, table=df.drop(columns=["sequence"]))
     try:
         with open(path, "rb") as f:

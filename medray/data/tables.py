@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pandas as pd
 
 from medray.errors import DataError
@@ -48,3 +49,12 @@ def row_name(path: str, index: int) -> str:
     if str(path).lower().endswith((".parquet", ".pq")):
         return f"row {index + 1}"
     return f"line {index + 2}"
+
+
+def label_values(df: pd.DataFrame, column: str, path: str) -> np.ndarray:
+    """A label column as stripped strings; names the first row whose label is missing."""
+    raw = df[column]
+    if raw.isna().any():
+        i = int(np.flatnonzero(raw.isna().to_numpy())[0])
+        raise DataError(f"{path}: {row_name(path, i)}: missing label in column {column!r}")
+    return raw.astype(str).str.strip().to_numpy()

@@ -15,7 +15,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from medray.data.dataset import Dataset
-from medray.data.tables import is_table, read_table, row_name
+from medray.data.tables import is_table, label_values, read_table, row_name
 from medray.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
@@ -135,10 +135,5 @@ def read_ultrasound(path: str, *, size: int, require_labels: bool = True) -> Dat
             raise DataError(f"{where}{full}: no such image file")
         images[i] = load_image(full, size)
         ids.append(rel)
-    labels = None
-    if "label" in df.columns:
-        if df["label"].isna().any():
-            i = int(np.flatnonzero(df["label"].isna().to_numpy())[0])
-            raise DataError(f"{path}: {row_name(path, i)}: missing label")
-        labels = df["label"].astype(str).str.strip().to_numpy()
+    labels = label_values(df, "label", str(path)) if "label" in df.columns else None
     return Dataset(source=str(path), inputs=images, ids=ids, labels=labels, table=df.reset_index(drop=True))
