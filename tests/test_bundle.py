@@ -42,7 +42,7 @@ def test_rewrite_replaces_atomically(tmp_path):
     path2, *_ = _bundle(tmp_path)  # same target: replaced whole
     assert path2 == path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
-    assert load_bundle(path).meta["weights"]["sha256"]  # loads
+    assert load_bundle(path).meta["weights"]["sha256"] != first  # the new weights, loadable
 
 
 def test_refuses_to_overwrite_a_non_bundle_directory(tmp_path):

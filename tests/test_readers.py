@@ -105,7 +105,7 @@ def test_ultrasound_decompression_bomb():
 
 
 def test_dicom_is_read(tmp_path):
-    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
