@@ -14,8 +14,8 @@ from medray.models import build_model
 from medray.preprocessing import StandardScaler
 
 
-def _bundle(tmp_path, name="b"):
-    torch.manual_seed(0)
+def _bundle(tmp_path, name="b", seed=0):
+    torch.manual_seed(seed)
     x = np.random.default_rng(0).normal(size=(20, 5)).astype(np.float32)
     prep = StandardScaler.fit(x, [f"f{i}" for i in range(5)])
     arch = {"name": "mlp", "params": {"hidden": [8], "dropout": 0.0}}
@@ -38,8 +38,7 @@ def test_round_trip_same_predictions_without_ray(tmp_path):
 def test_rewrite_replaces_atomically(tmp_path):
     path, *_ = _bundle(tmp_path)
     first = json.loads((path / "bundle.json").read_text())["weights"]["sha256"]
-    torch.manual_seed(1)
-    path2, *_ = _bundle(tmp_path)  # same target: replaced whole
+    path2, *_ = _bundle(tmp_path, seed=1)  # other weights, same target: replaced whole
     assert path2 == path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
     assert load_bundle(path).meta["weights"]["sha256"] != first  # the new weights, loadable
