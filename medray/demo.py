@@ -12,6 +12,8 @@ from medray.train import train
 
 # Fewer epochs than the presets (which are tuned for real data) keep the demo within minutes.
 DEMO_EPOCHS = {"exercise": 10, "ultrasound": 16, "genomic": 8}
+# The demo's image set is small (60 images per worker): smaller batches give enough optimiser steps.
+DEMO_BATCH = {"ultrasound": 8}
 GROUPS = {"exercise": "subject", "ultrasound": None, "genomic": None}
 
 
@@ -24,7 +26,7 @@ def run_demo(workdir: str = ".medray-demo", workers: int = 2, quick: bool = Fals
     for task, (train_path, test_path) in paths.items():
         started = time.time()
         epochs = max(2, DEMO_EPOCHS[task] // (2 if quick else 1))
-        meta = train(task, str(train_path), str(root / "bundles" / task), epochs=epochs, workers=workers,
+        meta = train(task, str(train_path), str(root / "bundles" / task), epochs=epochs, batch_size=DEMO_BATCH.get(task), workers=workers,
                      storage=str(root / "runs"), name=f"demo-{task}-{'quick' if quick else 'full'}",
                      group_column=GROUPS[task])
         test = evaluate_file(load_bundle(root / "bundles" / task), str(test_path))
