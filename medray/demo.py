@@ -12,21 +12,20 @@ from medray.train import train
 
 # Fewer epochs than the presets (which are tuned for real data) keep the demo within minutes.
 DEMO_EPOCHS = {"exercise": 10, "ultrasound": 16, "genomic": 8}
-# The demo's image set is small (60 images per worker): smaller batches give enough optimiser steps.
-DEMO_BATCH = {"ultrasound": 8}
+# The demo's data sets are small (tens of rows per worker): small batches give enough optimiser steps.
+DEMO_BATCH = {"exercise": 16, "ultrasound": 8, "genomic": 32}
 GROUPS = {"exercise": "subject", "ultrasound": None, "genomic": None}
 
 
 def run_demo(workdir: str = ".medray-demo", workers: int = 2, quick: bool = False) -> list[dict]:
     root = Path(workdir).absolute()
     t0 = time.time()
-    paths = write_demo_data(root / "data", scale=0.4 if quick else 1.0)
+    paths = write_demo_data(root / "data", scale=0.6 if quick else 1.0)
     print(f"[medray] demo data written under {root / 'data'} ({time.time() - t0:.1f}s)")
     rows = []
     for task, (train_path, test_path) in paths.items():
         started = time.time()
-        epochs = max(2, DEMO_EPOCHS[task] // (2 if quick else 1))
-        meta = train(task, str(train_path), str(root / "bundles" / task), epochs=epochs, batch_size=DEMO_BATCH.get(task), workers=workers,
+        meta = train(task, str(train_path), str(root / "bundles" / task), epochs=DEMO_EPOCHS[task], batch_size=DEMO_BATCH.get(task), workers=workers,
                      storage=str(root / "runs"), name=f"demo-{task}-{'quick' if quick else 'full'}",
                      group_column=GROUPS[task])
         test = evaluate_file(load_bundle(root / "bundles" / task), str(test_path))
