@@ -25,9 +25,9 @@ def run_demo(workdir: str = ".medray-demo", workers: int = 2, quick: bool = Fals
     rows = []
     for task, (train_path, test_path) in paths.items():
         started = time.time()
-        meta = train(task, str(train_path), str(root / "bundles" / task), epochs=DEMO_EPOCHS[task], batch_size=DEMO_BATCH.get(task), workers=workers,
-                     storage=str(root / "runs"), name=f"demo-{task}-{'quick' if quick else 'full'}",
-                     group_column=GROUPS[task])
+        meta = train(task, str(train_path), str(root / "bundles" / task), epochs=DEMO_EPOCHS[task],
+                     batch_size=DEMO_BATCH.get(task), workers=workers, storage=str(root / "runs"),
+                     name=f"demo-{task}-{'quick' if quick else 'full'}", group_column=GROUPS[task])
         test = evaluate_file(load_bundle(root / "bundles" / task), str(test_path))
         rows.append({"task": task, "model": meta["model"]["name"], "train_rows": meta["data"]["train_rows"],
                      "val_accuracy": meta["metrics"]["validation"]["accuracy"], "test_n": test["n"],

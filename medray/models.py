@@ -127,15 +127,15 @@ class ConvNet2d(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
-# name -> (constructor, tasks it fits)
+# name -> constructor(input_shape, n_classes, **params); which task offers which model is in presets/
 MODELS = {
-    "mlp": (MLP, ("exercise",)),
-    "cnn1d": (ConvNet1d, ("exercise", "genomic")),
-    "poscnn": (PositionalCNN1d, ("genomic",)),
-    "gru": (lambda s, n, **p: RecurrentNet(s, n, cell="gru", **p), ("genomic", "exercise")),
-    "lstm": (lambda s, n, **p: RecurrentNet(s, n, cell="lstm", **p), ("genomic", "exercise")),
-    "cnn": (SimpleCNN, ("ultrasound",)),
-    "convnet": (ConvNet2d, ("ultrasound",)),
+    "mlp": MLP,
+    "cnn1d": ConvNet1d,
+    "poscnn": PositionalCNN1d,
+    "gru": lambda s, n, **p: RecurrentNet(s, n, cell="gru", **p),
+    "lstm": lambda s, n, **p: RecurrentNet(s, n, cell="lstm", **p),
+    "cnn": SimpleCNN,
+    "convnet": ConvNet2d,
 }
 
 
@@ -143,4 +143,4 @@ def build_model(arch: dict, input_shape, n_classes: int) -> nn.Module:
     name = arch["name"]
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r} (known: {', '.join(MODELS)})")
-    return MODELS[name][0](list(input_shape), int(n_classes), **arch.get("params", {}))
+    return MODELS[name](list(input_shape), int(n_classes), **arch.get("params", {}))
