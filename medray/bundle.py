@@ -102,13 +102,23 @@ class Bundle:
     def version(self) -> str:
         return self.meta["weights"]["sha256"][:12]
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: str | torch.device) -> "Bundle":
+        """Move the model (e.g. to "cuda" for a GPU replica); predictions come back as NumPy."""
+        self.model.to(device)
+        return self
+
     @torch.inference_mode()
     def predict_arrays(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Class probabilities (N, K) float32 for already preprocessed inputs."""
         out = []
+        device = self.device
         for i in range(0, len(x), batch_size):
-            logits = self.model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])))
-            out.append(torch.softmax(logits.float(), dim=1).numpy())
+            xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).to(device, non_blocking=True)
+            out.append(torch.softmax(self.model(xb).float(), dim=1).cpu().numpy())
         if not out:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         return np.concatenate(out).astype(np.float32)

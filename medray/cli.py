@@ -1,4 +1,4 @@
-"""`medray` command line: train, evaluate, predict, demo."""
+"""`medray` command line: train, evaluate, predict, serve, demo."""
 
 from __future__ import annotations
 
@@ -38,6 +38,14 @@ def _predict(args) -> int:
     write_predictions(prediction_rows(bundle, ds.ids, probs), args.out, sys.stdout)
     if args.out:
         print(f"{len(ds)} predictions written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _serve(args) -> int:
+    from serve.local import serve_bundles
+
+    serve_bundles(args.bundles, host=args.host, port=args.port, address=args.address,
+                  throughput_optimized=not args.no_throughput_optimized)
     return 0
 
 
@@ -83,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--data", required=True)
     pr.add_argument("--out", help="output file (.csv or .jsonl); default CSV on stdout")
     pr.set_defaults(func=_predict)
+
+    s = sub.add_parser("serve", help="serve bundles over HTTP with Ray Serve (one deployment per bundle)")
+    s.add_argument("bundles", nargs="+", metavar="BUNDLE_DIR", help="one bundle per task")
+    s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local instance)")
+    s.add_argument("--no-throughput-optimized", action="store_true",
+                   help="local instance: leave RAY_SERVE_THROUGHPUT_OPTIMIZED off (see README, Serving)")
+    s.set_defaults(func=_serve)
 
     d = sub.add_parser("demo", help="generate synthetic data for all tasks, train, evaluate, summarise")
     d.add_argument("--workdir", default=".medray-demo")

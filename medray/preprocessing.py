@@ -156,6 +156,12 @@ class SequenceEncoder:
         return out.T
 
     def transform(self, sequences: list[str]) -> np.ndarray:
+        if sequences and all(len(s) == self.length for s in sequences):  # the common case, vectorised
+            try:
+                codes = np.frombuffer("".join(sequences).encode("ascii"), dtype=np.uint8)
+                return np.ascontiguousarray(_ONE_HOT[codes.reshape(len(sequences), self.length)].transpose(0, 2, 1))
+            except UnicodeEncodeError:
+                pass  # encode_one below gives the same result for any input it accepts
         out = np.empty((len(sequences), 4, self.length), dtype=np.float32)
         for i, s in enumerate(sequences):
             out[i] = self.encode_one(s)

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SERVE_PORT = _free_port()  # the port the serving tests' application listens on (127.0.0.1)
 SHARED = Path(os.environ.get("MEDRAY_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
@@ -23,7 +31,11 @@ def shared(*parts) -> Path:
 def ray_session():
     """One local Ray instance for the whole test session (8 logical CPUs: see medray.ray_runtime)."""
     from medray.ray_runtime import ensure_ray
+    from serve.local import throughput_env
 
+    # Serve runs as `medray serve` runs it (throughput mode, direct ingress on SERVE_PORT); these
+    # settings are read when Ray's processes start, so they are set before the instance starts.
+    os.environ.update(throughput_env(SERVE_PORT))
     ray = ensure_ray()
     yield ray
     ray.shutdown()
@@ -32,3 +44,33 @@ def ray_session():
 @pytest.fixture(scope="session")
 def storage(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("ray-storage")
+
+
+CASES = {
+    # task: (data, group column, epochs, learning rate: None = the preset's)
+    "genomic": (lambda: shared("genomic", "splice.fasta"), "id-prefix", 8, None),
+    "exercise": (lambda: shared("exercise", "exercise_windows.csv"),
+                 lambda: f"{shared('exercise', 'exercise_windows_meta.csv')}:subject", 5, None),
+    "ultrasound": (lambda: shared("ultrasound", "labels.csv"), None, 12, None),
+}
+
+
+@pytest.fixture(scope="session")
+def trained(ray_session, storage, tmp_path_factory):
+    """Bundles trained once per session on the real data (training tests check them; serving
+    tests deploy them): trained(task) -> (bundle.json meta, bundle dir, data path)."""
+    out = tmp_path_factory.mktemp("bundles")
+    cache = {}
+
+    def get(task):
+        if task not in cache:
+            data, group, epochs, lr = CASES[task]
+            group = group() if callable(group) else group
+            from medray.train import train
+
+            meta = train(task, str(data()), str(out / task), epochs=epochs, lr=lr, workers=2, storage=str(storage),
+                         name=f"test-{task}", group_column=group, seed=0)
+            cache[task] = (meta, out / task, str(data()))
+        return cache[task]
+
+    return get

@@ -11,39 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import shared
+from conftest import CASES
 from medray.bundle import load_bundle
 from medray.errors import DataError
 from medray.inference import evaluate_file, predict_file
 from medray.train import train
 
 pytestmark = pytest.mark.ray
-
-CASES = {
-    # task: (data, group column, epochs, learning rate: None = the preset's)
-    "genomic": (lambda: shared("genomic", "splice.fasta"), "id-prefix", 8, None),
-    "exercise": (lambda: shared("exercise", "exercise_windows.csv"),
-                 lambda: f"{shared('exercise', 'exercise_windows_meta.csv')}:subject", 5, None),
-    "ultrasound": (lambda: shared("ultrasound", "labels.csv"), None, 12, None),
-}
-
-
-@pytest.fixture(scope="module")
-def trained(ray_session, storage, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundles")
-    cache = {}
-
-    def get(task):
-        if task not in cache:
-            data, group, epochs, lr = CASES[task]
-            group = group() if callable(group) else group
-            meta = train(task, str(data()), str(out / task), epochs=epochs, lr=lr, workers=2, storage=str(storage),
-                         name=f"test-{task}", group_column=group, seed=0)
-            cache[task] = (meta, out / task, str(data()))
-        return cache[task]
-
-    return get
-
 
 @pytest.mark.parametrize("task", ["genomic", "exercise", "ultrasound"])
 def test_two_workers_train_a_bundle_that_beats_the_majority_class(trained, storage, task):

@@ -28,12 +28,17 @@ def _is_dicom(data: bytes) -> bool:
     return len(data) > 132 and data[128:132] == b"DICM"
 
 
-def _dicom_to_gray(data: bytes, name: str) -> np.ndarray:
+def _dicom_to_gray(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     import pydicom
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
+        declared = int(getattr(ds, "Rows", 0) or 0) * int(getattr(ds, "Columns", 0) or 0)
+        if declared > max_pixels:  # checked before decoding the pixel data
+            raise DataError(f"{name}: DICOM image is {ds.Columns}x{ds.Rows} pixels, over the {max_pixels} limit")
         pixels = ds.pixel_array.astype(np.float64)
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(f"{name}: unreadable DICOM: {e}") from None
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):  # colour ultrasound frame
@@ -42,8 +47,8 @@ def _dicom_to_gray(data: bytes, name: str) -> np.ndarray:
         pixels = pixels[0]
     if pixels.ndim != 2 or pixels.size == 0:
         raise DataError(f"{name}: DICOM pixel data has unsupported shape {pixels.shape}")
-    if pixels.size > MAX_PIXELS:
-        raise DataError(f"{name}: image has {pixels.size} pixels, over the {MAX_PIXELS} limit")
+    if pixels.size > max_pixels:
+        raise DataError(f"{name}: image has {pixels.size} pixels, over the {max_pixels} limit")
     slope = float(getattr(ds, "RescaleSlope", 1) or 1)
     intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
     pixels = pixels * slope + intercept
@@ -54,7 +59,7 @@ def _dicom_to_gray(data: bytes, name: str) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def decode_image(data: bytes, size: int, name: str = "image") -> np.ndarray:
+def decode_image(data: bytes, size: int, name: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode PNG/JPEG/BMP/TIFF/DICOM bytes to a (size, size) uint8 grayscale array.
 
     Raises DataError naming `name` for empty, truncated, non-image, oversized (decompression
@@ -63,13 +68,13 @@ def decode_image(data: bytes, size: int, name: str = "image") -> np.ndarray:
     if not data:
         raise DataError(f"{name}: empty file")
     if _is_dicom(data):
-        img = Image.fromarray(_dicom_to_gray(data, name), mode="L")
+        img = Image.fromarray(_dicom_to_gray(data, name, max_pixels), mode="L")
     else:
         try:
             img = Image.open(io.BytesIO(data))
             w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise DataError(f"{name}: image is {w}x{h} pixels, over the {MAX_PIXELS} limit")
+            if w * h > max_pixels:
+                raise DataError(f"{name}: image is {w}x{h} pixels, over the {max_pixels} limit")
             img.load()  # forces full decode: truncated files fail here
         except DataError:
             raise

@@ -1,0 +1,1 @@
+"""The medray Ray Serve application (see app.py) and its config (config.yaml)."""

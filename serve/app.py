@@ -1,0 +1,477 @@
+"""The medray Ray Serve application: one deployment per model bundle behind one FastAPI ingress.
+
+    HTTP ──▶ ingress (FastAPI: parse, validate, decode)  ──handle──▶  exercise   (ModelServer)
+                                                          ──handle──▶  ultrasound (ModelServer)
+                                                          ──handle──▶  genomic    (ModelServer)
+
+* `ModelServer` loads a bundle with `medray.bundle.load_bundle` and predicts with
+  `Bundle.predict` — the code `medray predict` runs — on dynamic batches (`@serve.batch`): the
+  requests that arrive within `batch_wait_timeout_s` (up to `max_batch_size` of them) are
+  concatenated into one forward pass. Batch settings are the deployment's `user_config`, so
+  `serve/config.yaml` (or `serve deploy` of an edited copy) changes them without code edits or a restart.
+* The ingress (`Gateway`) turns request bodies into arrays with `serve/inputs.py` and checks every
+  limit there, so nothing malformed reaches a model replica. Overload (a model's queue is full:
+  `max_queued_requests`) answers 503 with `Retry-After`.
+
+Entry points: `serve run serve/config.yaml` / `serve deploy serve/config.yaml` (import path
+`serve.app:build_app`, args `bundles` and `limits`), and `medray serve BUNDLE_DIR…`, which builds
+the same application with the deployment settings of `serve/config.yaml`.
+"""
+
+import asyncio
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from medray import __version__
+from medray.bundle import META, load_bundle
+from medray.errors import MedrayError
+from serve.inputs import (
+    Limits,
+    RequestError,
+    decode_images,
+    images_from_json,
+    parse_features,
+    parse_sequences,
+    prediction_objects,
+)
+
+logger = logging.getLogger("ray.serve")
+
+MODEL_TASKS = ("exercise", "ultrasound", "genomic")
+BATCH_HEADER = "X-Medray-Batch-Size"  # instances in the forward pass that served this request
+RETRY_AFTER_S = 1
+
+
+# --------------------------------------------------------------------------- model replicas
+
+
+class ModelUnavailable(Exception):
+    """The bundle failed to load; the replica stays up to report why (see /readyz)."""
+
+
+@serve.deployment(
+    # Defaults; serve/config.yaml sets the tuned values (and `medray serve` applies them too).
+    max_ongoing_requests=32,
+    max_queued_requests=256,
+    user_config={"max_batch_size": 32, "batch_wait_timeout_s": 0.0},
+    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2},
+    ray_actor_options={"num_cpus": 1},
+)
+class ModelServer:
+    def __init__(self, bundle_path: str):
+        import torch
+
+        _undo_worker_niceness()
+        self.path = str(bundle_path)
+        self.bundle, self.error = None, None
+        try:
+            self.bundle = load_bundle(self.path)
+        except MedrayError as e:  # keep the replica alive so /readyz can say which model and why
+            self.error = str(e)
+            logger.error("model bundle failed to load: %s", e)
+            return
+        if torch.cuda.is_available():  # a replica given num_gpus sees its GPU
+            self.bundle.to("cuda")
+        # one thread runs forward passes, so the event loop keeps accepting (and batching) requests
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+
+    def reconfigure(self, config: dict) -> None:
+        config = dict(config or {})
+        self.predict_batch.set_max_batch_size(int(config.get("max_batch_size", 32)))
+        self.predict_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.0)))
+
+    def info(self) -> dict:
+        if self.bundle is None:
+            return {"ready": False, "bundle": self.path, "error": self.error}
+        m = self.bundle.meta
+        return {
+            "ready": True,
+            "bundle": self.path,
+            "name": self.bundle.name,
+            "version": self.bundle.version,
+            "task": self.bundle.task,
+            "model": m["model"],
+            "labels": self.bundle.labels,
+            "input": m.get("input"),
+            "input_shape": m["input_shape"],
+            "metrics": {"validation": m.get("metrics", {}).get("validation")},
+            "trained": {k: m.get("training", {}).get(k) for k in ("epochs_trained", "workers", "seed")},
+            "versions": m.get("versions"),
+            "device": str(self.bundle.device),
+        }
+
+    async def predict(self, inputs) -> tuple[np.ndarray, int]:
+        """(probabilities, instances in the forward pass) for one request's raw inputs."""
+        if self.bundle is None:
+            raise ModelUnavailable(self.error)
+        return await self.predict_batch(inputs)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    async def predict_batch(self, batch: list) -> list[tuple[np.ndarray, int]]:
+        counts = [len(x) for x in batch]
+        joined = _concat(batch)
+        probs = await asyncio.get_running_loop().run_in_executor(self._pool, self.bundle.predict, joined)
+        out, start = [], 0
+        for n in counts:
+            out.append((probs[start : start + n], len(joined)))
+            start += n
+        return out
+
+
+def _undo_worker_niceness() -> None:
+    """Ray starts worker processes at a low CPU priority (nice 15); a replica that answers
+    clinicians' requests should not yield to batch work on the same node. Needs the privilege to
+    raise priority (root in the container, CAP_SYS_NICE); silently kept otherwise."""
+    import os
+
+    try:  # Linux niceness is per thread: every thread of the replica process
+        for tid in os.listdir("/proc/self/task"):
+            if os.getpriority(os.PRIO_PROCESS, int(tid)) > 0:
+                os.setpriority(os.PRIO_PROCESS, int(tid), 0)
+    except (OSError, AttributeError, ValueError):
+        pass
+
+
+def _concat(items: list):
+    """One model input from several requests' inputs (arrays stacked, sequence lists joined)."""
+    if isinstance(items[0], np.ndarray):
+        return items[0] if len(items) == 1 else np.concatenate(items)
+    return [s for x in items for s in x]
+
+
+# --------------------------------------------------------------------------- HTTP API
+
+
+class ExerciseRequest(BaseModel):
+    instances: list[list[float] | dict[str, float]] = Field(
+        min_length=1, description="feature rows in the bundle's feature order, or objects keyed by feature name")
+
+
+class GenomicRequest(BaseModel):
+    sequences: list[str] = Field(min_length=1, description="DNA sequences (IUPAC nucleotide codes)")
+
+
+class UltrasoundRequest(BaseModel):
+    images: list[str] = Field(min_length=1, description="base64-encoded PNG/JPEG/DICOM images")
+
+
+class Prediction(BaseModel):
+    label: str
+    probabilities: dict[str, float]
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Prediction]
+    model: ModelRef
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: str
+
+
+def _body(content: dict[str, type[BaseModel] | dict]) -> dict:
+    out = {}
+    for media, schema in content.items():
+        out[media] = {"schema": schema.model_json_schema() if isinstance(schema, type) else schema}
+    return {"requestBody": {"required": True, "content": out}}
+
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503)}
+_PREDICT = dict(response_model=PredictResponse, responses=_ERRORS)
+
+api = FastAPI(
+    title="medray",
+    version=__version__,
+    description="Predictions from medray model bundles (exercise motion, ultrasound images, genomic DNA). "
+    "Errors are JSON `{\"error\": code, \"detail\": message}` with a 4xx status (503 when overloaded).",
+)
+
+
+def _json(payload, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json", headers=headers)
+
+
+def _error(status: int, code: str, detail: str, headers: dict | None = None) -> Response:
+    return _json({"error": code, "detail": detail}, status, headers)
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request: Request, e: RequestError):
+    return _error(e.status, e.code, e.detail)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException):
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+    return _error(e.status_code, code, str(e.detail), getattr(e, "headers", None))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, e: RequestValidationError):
+    first = e.errors()[0] if e.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    return _error(422, "invalid_input", f"{where}: {first.get('msg', 'invalid request')}")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds `limit` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestError(400, "invalid_header", "Content-Length is not a number")
+        if int(declared) > limit:
+            raise RequestError(413, "body_too_large", f"request body of {int(declared)} bytes is over the "
+                               f"{limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, "body_too_large", f"request body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+@serve.deployment(
+    max_ongoing_requests=256,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 64},
+    ray_actor_options={"num_cpus": 1},
+)
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, models: dict, limits: dict | None = None):
+        _undo_worker_niceness()
+        self.models = dict(models)
+        self.limits = Limits.from_dict(limits)
+        self._info: dict[str, dict] = {}
+
+    # ---- model metadata (fetched from the replicas, so it is what they actually loaded)
+
+    async def model_info(self, task: str, timeout_s: float = 10.0) -> dict:
+        if task in self._info:
+            return self._info[task]
+        try:
+            info = await asyncio.wait_for(self.models[task].info.remote(), timeout_s)
+        except (asyncio.TimeoutError, Exception) as e:  # deployment still starting or gone
+            return {"ready": False, "error": f"model deployment not reachable: {type(e).__name__}: {e}"[:500]}
+        if info.get("ready"):
+            self._info[task] = info
+        return info
+
+    async def _ready_model(self, task: str) -> dict:
+        if task not in self.models:
+            raise RequestError(404, "model_not_deployed",
+                               f"no {task} model is deployed here (deployed: {', '.join(self.models) or 'none'})")
+        info = await self.model_info(task)
+        if not info.get("ready"):
+            raise RequestError(503, "model_unavailable", f"{task} model is not available: {info.get('error')}")
+        return info
+
+    # ---- batching in the ingress: concurrent requests for a model share one handle call
+    # (the model replica batches again across ingress replicas). A handle call costs far more
+    # than parsing a small request, so without this the ingress → model hop caps throughput.
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, max_concurrent_batches=4)
+    async def _batch_exercise(self, items: list) -> list:
+        return await self._forward("exercise", items)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, max_concurrent_batches=4)
+    async def _batch_ultrasound(self, items: list) -> list:
+        return await self._forward("ultrasound", items)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, max_concurrent_batches=4)
+    async def _batch_genomic(self, items: list) -> list:
+        return await self._forward("genomic", items)
+
+    async def _forward(self, task: str, items: list) -> list:
+        counts = [len(x) for x in items]
+        joined = _concat(items)
+        probs, batch = await self.models[task].predict.remote(joined)
+        out, start = [], 0
+        for n in counts:
+            out.append((probs[start : start + n], batch))
+            start += n
+        return out
+
+    async def _predict(self, task: str, info: dict, inputs) -> Response:
+        try:
+            probs, batch = await getattr(self, f"_batch_{task}")(inputs)
+        except BackPressureError:
+            return _error(503, "overloaded", f"the {task} model's queue is full; retry after {RETRY_AFTER_S}s",
+                          {"Retry-After": str(RETRY_AFTER_S)})
+        except ModelUnavailable as e:
+            raise RequestError(503, "model_unavailable", str(e)) from None
+        payload = {"predictions": prediction_objects(probs, info["labels"]),
+                   "model": {"name": info["name"], "version": info["version"]}}
+        return _json(payload, headers={BATCH_HEADER: str(batch)})
+
+    # ---- routes
+
+    @api.get("/healthz", summary="liveness: the ingress answers")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/readyz", summary="readiness: every model deployment has loaded its bundle",
+             responses={503: {"description": "a model is not loaded; the body says which and why"}})
+    async def readyz(self) -> Response:
+        infos = await asyncio.gather(*(self.model_info(t, timeout_s=2.0) for t in self.models))
+        models = {t: ({"ready": True} if i.get("ready") else {"ready": False, "error": i.get("error")})
+                  for t, i in zip(self.models, infos)}
+        ready = bool(models) and all(m["ready"] for m in models.values())
+        return _json({"ready": ready, "models": models}, 200 if ready else 503)
+
+    @api.get("/v1/models", summary="deployed models: task, labels, input spec, validation metrics")
+    async def list_models(self) -> dict:
+        infos = await asyncio.gather(*(self.model_info(t) for t in self.models))
+        return {"models": dict(zip(self.models, infos))}
+
+    @api.post("/v1/exercise/predict", summary="exercise class from wearable-sensor features",
+              openapi_extra=_body({"application/json": ExerciseRequest}), **_PREDICT)
+    async def predict_exercise(self, request: Request) -> Response:
+        info = await self._ready_model("exercise")
+        if media_type(request) not in ("application/json", ""):
+            raise RequestError(415, "unsupported_media_type", "send application/json: {\"instances\": [[…], …]}")
+        body = await read_body(request, self.limits.max_body_bytes)
+        x = parse_features(body, info["input"]["feature_names"], self.limits)
+        return await self._predict("exercise", info, x)
+
+    @api.post("/v1/genomic/predict", summary="class of DNA sequences (JSON list or FASTA body)",
+              openapi_extra=_body({"application/json": GenomicRequest,
+                                   "text/x-fasta": {"type": "string", "example": ">seq1\nACGT…\n"}}), **_PREDICT)
+    async def predict_genomic(self, request: Request) -> Response:
+        info = await self._ready_model("genomic")
+        mt = media_type(request)
+        if mt not in ("application/json", "", "text/x-fasta", "text/plain", "application/x-fasta"):
+            raise RequestError(415, "unsupported_media_type", f"{mt!r}: send application/json "
+                               "{\"sequences\": […]} or a FASTA body as text/x-fasta")
+        body = await read_body(request, self.limits.max_body_bytes)
+        _, seqs = parse_sequences(body, mt, self.limits)
+        return await self._predict("genomic", info, seqs)
+
+    @api.post("/v1/ultrasound/predict", summary="class of ultrasound images (multipart files or base64 JSON)",
+              openapi_extra=_body({
+                  "multipart/form-data": {"type": "object", "properties": {
+                      "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}},
+                  "application/json": UltrasoundRequest,
+                  "image/png": {"type": "string", "format": "binary"},
+                  "image/jpeg": {"type": "string", "format": "binary"}}), **_PREDICT)
+    async def predict_ultrasound(self, request: Request) -> Response:
+        info = await self._ready_model("ultrasound")
+        mt = media_type(request)
+        body = await read_body(request, self.limits.max_body_bytes)
+        if mt == "multipart/form-data":
+            files = await self._multipart_files(request, body)
+        elif mt in ("application/json", ""):
+            files = images_from_json(body, self.limits)
+        elif mt.startswith("image/") or mt in ("application/dicom", "application/octet-stream"):
+            files = [("image 0", body)]
+        else:
+            raise RequestError(415, "unsupported_media_type", f"{mt!r}: send multipart/form-data files, "
+                               "application/json {\"images\": [base64…]}, or one image/png|image/jpeg body")
+        images = decode_images(files, info["input"]["size"][0], self.limits)
+        return await self._predict("ultrasound", info, images)
+
+    async def _multipart_files(self, request: Request, body: bytes) -> list[tuple[str, bytes]]:
+        request._body = body  # already read (and size-checked); let Starlette's parser reuse it
+        try:
+            form = await request.form(max_files=self.limits.max_instances + 1, max_fields=16)
+        except Exception as e:  # malformed multipart body
+            raise RequestError(400, "invalid_multipart", f"malformed multipart body: {e}") from None
+        files = []
+        for key, value in form.multi_items():
+            if hasattr(value, "read"):
+                files.append((value.filename or key, await value.read()))
+        await form.close()
+        if not files:
+            raise RequestError(422, "invalid_input", "multipart body holds no files (send each image as a file part)")
+        return files
+
+
+# --------------------------------------------------------------------------- building the app
+
+
+def bundle_task(path: str) -> str:
+    """The task of a bundle, read from its bundle.json (no weights loaded)."""
+    meta = Path(path) / META
+    try:
+        return json.loads(meta.read_text())["task"]
+    except (OSError, ValueError, KeyError) as e:
+        raise MedrayError(f"{path}: not a readable model bundle ({type(e).__name__}: {e})") from None
+
+
+def build_app(args: dict | None = None, deployment_options: dict[str, dict] | None = None):
+    """Serve application builder (`import_path: serve.app:build_app`).
+
+    args: `bundles: {task: BUNDLE_DIR}` (tasks: exercise, ultrasound, genomic) and optional
+    `limits: {max_body_bytes, max_instances, max_sequence_length, max_image_pixels}`.
+    `deployment_options` ({deployment name: options}) is for callers outside `serve run`
+    (`medray serve`); under `serve run`/`serve deploy` the config's `deployments:` apply.
+    """
+    args = dict(args or {})
+    bundles = args.get("bundles") or {}
+    if not isinstance(bundles, dict) or not bundles:
+        raise ValueError("args.bundles must map task names to bundle directories, e.g. {exercise: bundles/exercise}")
+    unknown = set(bundles) - set(MODEL_TASKS)
+    if unknown:
+        raise ValueError(f"unknown task(s) {sorted(unknown)} in args.bundles (known: {', '.join(MODEL_TASKS)})")
+    Limits.from_dict(args.get("limits"))  # fail at build time, not in the replica
+    opts = deployment_options or {}
+    models = {task: ModelServer.options(name=task, **opts.get(task, {})).bind(str(Path(path).expanduser().absolute()))
+              for task, path in bundles.items()}
+    return Gateway.options(name="ingress", **opts.get("ingress", {})).bind(models, args.get("limits"))
+
+
+def default_config() -> dict:
+    """serve/config.yaml, the single place where deployment settings are kept."""
+    import yaml
+
+    return yaml.safe_load(resources.files("serve").joinpath("config.yaml").read_text())
+
+
+def config_deployment_options(config: dict | None = None) -> dict[str, dict]:
+    config = config or default_config()
+    app = config["applications"][0]
+    return {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments", [])}
+
+
+def wait_ready(url: str, timeout_s: float = 120.0) -> None:
+    """Block until GET {url}/readyz answers 200 (every model loaded)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    last = None
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except urllib.error.HTTPError as e:
+            last = e.read().decode(errors="replace")[:500]
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.5)
+    raise MedrayError(f"the application at {url} did not become ready in {timeout_s:.0f}s: {last}")

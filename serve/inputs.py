@@ -1,0 +1,223 @@
+"""HTTP request bodies → the raw inputs `Bundle.predict` takes, with every limit checked.
+
+Parsing and validation happen here, in the ingress, before anything reaches a model replica;
+the model replicas only see well-formed arrays. Each problem raises `RequestError` with a
+status code, a short error code and a detail naming what was wrong (the instance index, the
+feature, the letter, the image). The readers of `medray.data` do the decoding, so an image or a
+sequence is read exactly as `medray predict` reads it from a file.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+from medray.data.genomic import parse_fasta_text, validate_sequence
+from medray.data.ultrasound import decode_image
+from medray.errors import DataError
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits; settings in serve/config.yaml (`args.limits`)."""
+
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_instances: int = 1024
+    max_sequence_length: int = 10_000
+    max_image_pixels: int = 40_000_000
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Limits":
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown limit(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        out = cls(**{k: int(v) for k, v in d.items()})
+        for k, v in vars(out).items():
+            if v <= 0:
+                raise ValueError(f"limit {k} must be positive, got {v}")
+        return out
+
+
+class RequestError(Exception):
+    """A client error: answered as `{"error": code, "detail": detail}` with `status`."""
+
+    def __init__(self, status: int, code: str, detail: str):
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+def invalid(detail: str) -> RequestError:
+    return RequestError(422, "invalid_input", detail)
+
+
+def parse_json(body: bytes) -> object:
+    if not body:
+        raise RequestError(400, "empty_body", "request body is empty (JSON expected)")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        error = e
+    try:  # NaN / Infinity are not JSON, but Python's json writes them: parse, then refuse by position
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise RequestError(400, "invalid_json", f"request body is not valid JSON: {error}") from None
+
+
+def _instances(doc: object, key: str, limits: Limits) -> list:
+    if not isinstance(doc, dict):
+        raise invalid(f"expected a JSON object with {key!r}, got {type(doc).__name__}")
+    if key not in doc:
+        raise invalid(f"missing {key!r} (a list, one entry per instance); keys given: {sorted(doc)[:8]}")
+    items = doc[key]
+    if not isinstance(items, list):
+        raise invalid(f"{key!r} must be a list, got {type(items).__name__}")
+    check_count(len(items), key, limits)
+    return items
+
+
+def check_count(n: int, what: str, limits: Limits) -> None:
+    if n == 0:
+        raise invalid(f"{what!r} is empty: send at least one instance")
+    if n > limits.max_instances:
+        raise RequestError(413, "too_many_instances",
+                           f"{n} {what} in one request; the limit is {limits.max_instances} (split the request)")
+
+
+# --------------------------------------------------------------------------- exercise
+
+
+def parse_features(body: bytes, feature_names: list[str], limits: Limits) -> np.ndarray:
+    """`{"instances": [[f1, f2, …], …]}` or `[{name: value, …}, …]` → float32 (n, features)."""
+    rows = _instances(parse_json(body), "instances", limits)
+    n_features = len(feature_names)
+    if all(isinstance(r, dict) for r in rows):
+        rows = [_row_from_object(r, i, feature_names) for i, r in enumerate(rows)]
+    for i, r in enumerate(rows):
+        if not isinstance(r, list):
+            raise invalid(f"instance {i}: expected a list of {n_features} numbers or an object keyed by feature "
+                          f"name, got {type(r).__name__}")
+        if len(r) != n_features:
+            raise invalid(f"instance {i}: has {len(r)} features, the model expects {n_features}")
+    try:
+        x = np.array(rows)
+    except (TypeError, ValueError):
+        x = None
+    # numbers only: numpy's own dtype says so, except for booleans mixed into numbers (promoted)
+    numeric = x is not None and x.ndim == 2 and x.dtype.kind in "iuf"
+    if not numeric or ((b"true" in body or b"false" in body) and _has_non_number(rows)):
+        i, j, v = _first_non_number(rows)
+        raise invalid(f"instance {i}, feature {j} ({feature_names[j]!r}): {str(v)[:40]!r} is not a number")
+    x = x.astype(np.float64, copy=False)
+    finite = np.isfinite(x)
+    if not finite.all():
+        i, j = map(int, np.argwhere(~finite)[0])
+        raise invalid(f"instance {i}, feature {j} ({feature_names[j]!r}): {x[i, j]} is not a finite number")
+    return x.astype(np.float32)
+
+
+def _row_from_object(obj: dict, i: int, feature_names: list[str]) -> list:
+    missing = [f for f in feature_names if f not in obj]
+    if missing:
+        raise invalid(f"instance {i}: missing feature(s) {missing[:5]}" + (" …" if len(missing) > 5 else ""))
+    extra = set(obj) - set(feature_names)
+    if extra:
+        raise invalid(f"instance {i}: unknown feature(s) {sorted(extra)[:5]}")
+    return [obj[f] for f in feature_names]
+
+
+def _has_non_number(rows: list) -> bool:
+    for r in rows:
+        for v in r:
+            if type(v) not in (int, float):
+                return True
+    return False
+
+
+def _first_non_number(rows: list):
+    for i, r in enumerate(rows):
+        for j, v in enumerate(r):
+            if type(v) not in (int, float):
+                return i, j, v
+    return 0, 0, "?"  # pragma: no cover - only called when one exists
+
+
+# --------------------------------------------------------------------------- genomic
+
+
+def parse_sequences(body: bytes, content_type: str, limits: Limits) -> tuple[list[str], list[str]]:
+    """JSON `{"sequences": […]}` or a FASTA body → (ids, upper-cased sequences)."""
+    if content_type in ("text/x-fasta", "text/plain", "application/x-fasta"):
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise invalid(f"FASTA body is not UTF-8 text (byte {e.start})") from None
+        try:
+            ids, seqs, _ = parse_fasta_text(text, "FASTA body")
+        except DataError as e:
+            raise invalid(str(e)) from None
+        check_count(len(seqs), "sequences", limits)
+    else:
+        items = _instances(parse_json(body), "sequences", limits)
+        seqs, ids = [], []
+        for i, s in enumerate(items):
+            if not isinstance(s, str):
+                raise invalid(f"sequence {i}: expected a string of nucleotide letters, got {type(s).__name__}")
+            try:
+                seqs.append(validate_sequence(s, f"sequence {i}"))
+            except DataError as e:
+                raise invalid(str(e)) from None
+            ids.append(str(i))
+    for i, s in enumerate(seqs):
+        if len(s) > limits.max_sequence_length:
+            raise RequestError(413, "sequence_too_long",
+                               f"sequence {i} ({ids[i]}) has {len(s)} bases; the limit is {limits.max_sequence_length}")
+    return ids, seqs
+
+
+# --------------------------------------------------------------------------- ultrasound
+
+
+def images_from_json(body: bytes, limits: Limits) -> list[tuple[str, bytes]]:
+    """`{"images": ["<base64>", …]}` → [(name, bytes)]."""
+    items = _instances(parse_json(body), "images", limits)
+    out = []
+    for i, b64 in enumerate(items):
+        if not isinstance(b64, str):
+            raise invalid(f"image {i}: expected a base64 string, got {type(b64).__name__}")
+        if b64.startswith("data:") and "," in b64:  # data URL
+            b64 = b64.split(",", 1)[1]
+        try:
+            out.append((f"image {i}", base64.b64decode(b64, validate=True)))
+        except (binascii.Error, ValueError):
+            raise invalid(f"image {i}: not valid base64") from None
+    return out
+
+
+def decode_images(files: list[tuple[str, bytes]], size: int, limits: Limits) -> np.ndarray:
+    """[(name, bytes)] → uint8 (n, size, size), decoded exactly as `medray predict` reads files."""
+    check_count(len(files), "images", limits)
+    out = np.empty((len(files), size, size), dtype=np.uint8)
+    for i, (name, data) in enumerate(files):
+        try:
+            out[i] = decode_image(data, size, name=name, max_pixels=limits.max_image_pixels)
+        except DataError as e:
+            status = 413 if "limit" in str(e) else 422
+            raise RequestError(status, "image_too_large" if status == 413 else "invalid_image", str(e)) from None
+    return out
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def prediction_objects(probs: np.ndarray, labels: list[str]) -> list[dict]:
+    """One `{"label", "probabilities"}` per row, in order."""
+    best = probs.argmax(axis=1)
+    rows = probs.tolist()
+    return [{"label": labels[int(k)], "probabilities": dict(zip(labels, p))} for k, p in zip(best, rows)]
+

@@ -1,0 +1,93 @@
+"""`medray serve BUNDLE_DIR…`: the Serve application of serve/app.py on a local Ray instance
+(or an existing cluster), with the deployment settings of serve/config.yaml."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from medray.errors import MedrayError
+
+# Ray Serve's throughput mode (Ray >= 2.56): user code on the replica's event loop, gRPC between
+# deployments, buffered request-path logging, and "direct ingress" (the ingress replica listens
+# on the HTTP port itself: no proxy hop). These are read when Serve's processes start, so they
+# must be in the environment of the process that starts Ray. Measured in benchmarks/.
+THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+def throughput_env(port: int) -> dict[str, str]:
+    """Environment for a local Ray instance whose Serve runs in throughput mode with the ingress
+    replica listening on `port` itself (the first port of the direct-ingress range)."""
+    return dict(THROUGHPUT_ENV, RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(port),
+                RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(port + 16))
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def bundles_by_task(bundle_dirs: list[str]) -> dict[str, str]:
+    from serve.app import MODEL_TASKS, bundle_task
+
+    out: dict[str, str] = {}
+    for b in bundle_dirs:
+        task = bundle_task(b)
+        if task not in MODEL_TASKS:
+            raise MedrayError(f"{b}: task {task!r} cannot be served (known: {', '.join(MODEL_TASKS)})")
+        if task in out:
+            raise MedrayError(f"two bundles for task {task!r}: {out[task]} and {b} (one per task)")
+        out[task] = str(Path(b).absolute())
+    return out
+
+
+def start(bundles: dict[str, str], host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
+          throughput_optimized: bool = True, config: dict | None = None, name: str = "medray") -> str:
+    """Deploy the application and wait until every model is loaded; returns its base URL."""
+    from serve.app import build_app, config_deployment_options, default_config, wait_ready
+
+    config = config or default_config()
+    limits = config["applications"][0].get("args", {}).get("limits")
+    proxy_port = port
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    if throughput_optimized and local:
+        for k, v in throughput_env(port).items():
+            os.environ.setdefault(k, v)
+    if os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1" and local:
+        first = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", 30000))
+        if first != port:
+            raise MedrayError(f"Ray here was started for port {first} (RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT); "
+                              f"serve on that port or start a new process")
+        proxy_port = _free_port(host)  # Serve's proxy is only a fallback path with direct ingress
+    from medray.ray_runtime import ensure_ray
+
+    ensure_ray(address)
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": proxy_port}, logging_config=config.get("logging_config"))
+    options = config_deployment_options(config)
+    if proxy_port != port:  # direct ingress: one ingress replica owns the port
+        options["ingress"] = dict(options.get("ingress", {}), num_replicas=1, autoscaling_config=None)
+    app = build_app({"bundles": bundles, "limits": limits}, options)
+    serve.run(app, name=name, route_prefix="/", blocking=False)
+    url = f"http://{host}:{port}"
+    wait_ready(url)
+    return url
+
+
+def serve_bundles(bundle_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
+                  throughput_optimized: bool = True) -> None:
+    bundles = bundles_by_task(bundle_dirs)
+    url = start(bundles, host, port, address, throughput_optimized)
+    print(f"[medray] serving {', '.join(bundles)} at {url}  (API docs: {url}/docs; Ctrl-C stops)", file=sys.stderr)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
