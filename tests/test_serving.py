@@ -1,0 +1,315 @@
+"""The Serve application over real HTTP: bundles trained on the real data (shared with the
+training tests), deployed on the session's local Ray instance as `medray serve` deploys them."""
+
+import base64
+import copy
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import SERVE_PORT, shared
+
+pytestmark = pytest.mark.ray
+
+TEST_LIMITS = {"max_body_bytes": 1 << 20, "max_instances": 50, "max_sequence_length": 500,
+               "max_image_pixels": 1_000_000}
+
+
+@pytest.fixture(scope="module")
+def app(trained):
+    from ray import serve
+
+    from serve.app import default_config
+    from serve.local import start
+
+    bundles = {t: str(trained(t)[1]) for t in ("genomic", "exercise", "ultrasound")}
+    config = copy.deepcopy(default_config())
+    config["applications"][0]["args"]["limits"] = TEST_LIMITS
+    for d in config["applications"][0]["deployments"]:
+        if d["name"] == "ultrasound":  # short delays so the autoscaling test is bounded in time
+            d["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                                       "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2,
+                                       "metrics_interval_s": 0.5}
+    url = start(bundles, port=SERVE_PORT, config=config)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        yield client, bundles
+    serve.shutdown()
+
+
+def cli_predict(bundle: str, data: Path, tmp_path: Path) -> pd.DataFrame:
+    out = tmp_path / f"{Path(bundle).name}-preds.jsonl"
+    subprocess.run([sys.executable, "-m", "medray", "predict", bundle, "--data", str(data), "--out", str(out)],
+                   check=True, capture_output=True)
+    return pd.read_json(out, lines=True)
+
+
+def assert_same(resp: httpx.Response, expected: pd.DataFrame, labels: list[str]):
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert set(body["model"]) == {"name", "version"}
+    preds = body["predictions"]
+    assert len(preds) == len(expected)
+    got = np.array([[p["probabilities"][k] for k in labels] for p in preds])
+    want = expected[[f"p_{k}" for k in labels]].to_numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert [p["label"] for p in preds] == expected["label"].tolist()
+
+
+# --------------------------------------------------------------------------- same predictions as the CLI
+
+
+def test_genomic_json_and_fasta_match_medray_predict(app, tmp_path):
+    client, bundles = app
+    records = shared("genomic", "splice.fasta").read_text().split(">")[1:21]
+    fasta = tmp_path / "sample.fasta"
+    fasta.write_text("".join(">" + r for r in records))
+    expected = cli_predict(bundles["genomic"], fasta, tmp_path)
+    labels = client.get("/v1/models").json()["models"]["genomic"]["labels"]
+    seqs = ["".join(r.splitlines()[1:]) for r in records]
+    assert_same(client.post("/v1/genomic/predict", json={"sequences": seqs}), expected, labels)
+    assert_same(client.post("/v1/genomic/predict", content=fasta.read_bytes(),
+                            headers={"Content-Type": "text/x-fasta"}), expected, labels)
+
+
+def test_exercise_rows_and_named_objects_match_medray_predict(app, tmp_path):
+    client, bundles = app
+    df = pd.read_csv(shared("exercise", "exercise_windows.csv")).sample(20, random_state=0)
+    csv = tmp_path / "sample.csv"
+    df.to_csv(csv, index=False)
+    expected = cli_predict(bundles["exercise"], csv, tmp_path)
+    info = client.get("/v1/models").json()["models"]["exercise"]
+    names = info["input"]["feature_names"]
+    rows = df[names].to_numpy().tolist()
+    assert_same(client.post("/v1/exercise/predict", json={"instances": rows}), expected, info["labels"])
+    objects = [dict(zip(names, r)) for r in rows[:3]]
+    assert_same(client.post("/v1/exercise/predict", json={"instances": objects}), expected.iloc[:3], info["labels"])
+
+
+def test_ultrasound_multipart_base64_and_raw_match_medray_predict(app, tmp_path):
+    client, bundles = app
+    root = shared("ultrasound")
+    manifest = pd.read_csv(root / "labels.csv").groupby("label").head(2).reset_index(drop=True)
+    paths = [root / p for p in manifest["path"]]
+    sample = tmp_path / "sample.csv"
+    pd.DataFrame({"path": [str(p) for p in paths]}).to_csv(sample, index=False)
+    expected = cli_predict(bundles["ultrasound"], sample, tmp_path)
+    labels = client.get("/v1/models").json()["models"]["ultrasound"]["labels"]
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for p in paths]
+    assert_same(client.post("/v1/ultrasound/predict", files=files), expected, labels)
+    b64 = [base64.b64encode(p.read_bytes()).decode() for p in paths]
+    assert_same(client.post("/v1/ultrasound/predict", json={"images": b64}), expected, labels)
+    raw = client.post("/v1/ultrasound/predict", content=paths[0].read_bytes(), headers={"Content-Type": "image/png"})
+    assert_same(raw, expected.iloc[:1], labels)
+
+
+# --------------------------------------------------------------------------- metadata routes
+
+
+def test_models_health_readiness_and_openapi(app):
+    client, bundles = app
+    models = client.get("/v1/models").json()["models"]
+    assert set(models) == {"genomic", "exercise", "ultrasound"}
+    for task, info in models.items():
+        assert info["ready"] and info["task"] == task and info["bundle"] == bundles[task]
+        assert info["labels"] and info["input"]["type"] and 0 <= info["metrics"]["validation"]["accuracy"] <= 1
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    spec = client.get("/openapi.json").json()
+    for route in ("/v1/exercise/predict", "/v1/ultrasound/predict", "/v1/genomic/predict", "/v1/models"):
+        assert route in spec["paths"]
+    assert "text/x-fasta" in spec["paths"]["/v1/genomic/predict"]["post"]["requestBody"]["content"]
+    assert client.get("/docs").status_code == 200
+
+
+# --------------------------------------------------------------------------- batching and autoscaling
+
+
+def test_concurrent_requests_share_a_forward_pass(app):
+    client, _ = app
+    seq = {"sequences": ["ACGT" * 15]}
+    url = str(client.base_url) + "/v1/genomic/predict"
+
+    def one(_):
+        with httpx.Client(timeout=30) as c:
+            r = c.post(url, json=seq)
+            assert r.status_code == 200
+            return int(r.headers["X-Medray-Batch-Size"])
+
+    seen = []
+    with ThreadPoolExecutor(32) as pool:
+        for _ in range(5):
+            seen += list(pool.map(one, range(64)))
+            if max(seen) > 1:
+                break
+    assert max(seen) > 1, f"every request ran alone: {sorted(set(seen))}"
+    assert client.post("/v1/genomic/predict", json=seq).headers["X-Medray-Batch-Size"] == "1"  # alone when idle
+
+
+def _running(deployment: str) -> int:
+    from ray import serve
+
+    states = serve.status().applications["medray"].deployments[deployment].replica_states
+    return int(states.get("RUNNING", 0))
+
+
+def test_sustained_load_scales_ultrasound_up_and_back_down(app):
+    client, _ = app
+    assert _running("ultrasound") == 1
+    image = next(shared("ultrasound").glob("*/*.png")).read_bytes()
+    url = str(client.base_url) + "/v1/ultrasound/predict"
+    stop = threading.Event()
+    errors = []
+
+    def load():
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                r = c.post(url, content=image, headers={"Content-Type": "image/png"})
+                if r.status_code != 200:
+                    errors.append(r.status_code)
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(12)]
+    for t in threads:
+        t.start()
+    try:
+        deadline, peak = time.time() + 60, 1
+        while time.time() < deadline and peak < 2:
+            time.sleep(0.5)
+            peak = max(peak, _running("ultrasound"))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert peak >= 2, "sustained load did not add a replica within 60 s"
+    deadline = time.time() + 90
+    while time.time() < deadline and _running("ultrasound") > 1:
+        time.sleep(1)
+    assert _running("ultrasound") == 1, "replicas did not scale back down within 90 s of the load stopping"
+    assert not errors, f"requests failed during scaling: {errors[:5]}"
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _png(size=(64, 64)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", size, 0).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _features(n_rows: int, n_features: int) -> list:
+    return np.random.default_rng(0).normal(size=(n_rows, n_features)).tolist()
+
+
+def bad_requests(n_features: int):
+    """(name, route, request kwargs, status, error code, words the detail must contain)."""
+    js = {"Content-Type": "application/json"}
+    bomb = _png((1200, 1000))  # 1.2 MP > the 1 MP test limit; a few kB compressed
+    return [
+        ("wrong feature count", "exercise", {"json": {"instances": [[1.0, 2.0, 3.0]]}}, 422, "invalid_input",
+         ["has 3 features", str(n_features)]),
+        ("non-numeric value", "exercise", {"json": {"instances": [["abc"] + [0.0] * (n_features - 1)]}}, 422,
+         "invalid_input", ["'abc'", "not a number"]),
+        ("boolean value", "exercise", {"json": {"instances": [[True] + [0.0] * (n_features - 1)]}}, 422,
+         "invalid_input", ["not a number"]),
+        ("NaN", "exercise", {"content": '{"instances": [[NaN' + ", 0.0" * (n_features - 1) + "]]}", "headers": js},
+         422, "invalid_input", ["not a finite number"]),
+        ("infinity", "exercise", {"content": '{"instances": [[0.0, Infinity' + ", 0.0" * (n_features - 2) + "]]}",
+                                  "headers": js}, 422, "invalid_input", ["feature 1", "not a finite number"]),
+        ("empty instance list", "exercise", {"json": {"instances": []}}, 422, "invalid_input", ["empty"]),
+        ("no instances key", "exercise", {"json": {"rows": [[1.0]]}}, 422, "invalid_input", ["missing 'instances'"]),
+        ("too many instances", "exercise", {"json": {"instances": _features(51, n_features)}}, 413,
+         "too_many_instances", ["51", "50"]),
+        ("missing named feature", "exercise", {"json": {"instances": [{"ax_000": 1.0}]}}, 422, "invalid_input",
+         ["missing feature"]),
+        ("wrong content type", "exercise", {"content": "a,b\n1,2\n", "headers": {"Content-Type": "text/csv"}}, 415,
+         "unsupported_media_type", ["application/json"]),
+        ("invalid JSON", "exercise", {"content": '{"instances": [[1,', "headers": js}, 400, "invalid_json", ["JSON"]),
+        ("body over the size limit", "genomic", {"content": b"x" * (2 << 20), "headers": js}, 413, "body_too_large",
+         ["limit"]),
+        ("letters that are not nucleotides", "genomic", {"json": {"sequences": ["ACGTXACGT"]}}, 422, "invalid_input",
+         ["'X'", "position 5"]),
+        ("sequence over the maximum length", "genomic", {"json": {"sequences": ["ACGT" * 150]}}, 413,
+         "sequence_too_long", ["600", "500"]),
+        ("non-UTF-8 FASTA", "genomic", {"content": b">s1\nACGT\xff\xfe\n", "headers": {"Content-Type": "text/x-fasta"}},
+         422, "invalid_input", ["UTF-8"]),
+        ("FASTA with a bad letter", "genomic", {"content": b">s1\nACGT\n>s2\nAC!T\n",
+                                                "headers": {"Content-Type": "text/x-fasta"}}, 422, "invalid_input",
+         ["record 2", "'!'"]),
+        ("empty sequence list", "genomic", {"json": {"sequences": []}}, 422, "invalid_input", ["empty"]),
+        ("sequence that is not a string", "genomic", {"json": {"sequences": [42]}}, 422, "invalid_input",
+         ["sequence 0"]),
+        ("truncated PNG", "ultrasound", {"content": _png()[:60], "headers": {"Content-Type": "image/png"}}, 422,
+         "invalid_image", ["truncated"]),
+        ("not an image", "ultrasound", {"files": [("files", ("notes.png", b"hello, not an image", "image/png"))]},
+         422, "invalid_image", ["notes.png", "not an image"]),
+        ("decompression bomb", "ultrasound", {"content": bomb, "headers": {"Content-Type": "image/png"}}, 413,
+         "image_too_large", ["1200x1000", "limit"]),
+        ("invalid base64", "ultrasound", {"json": {"images": ["***not base64***"]}}, 422, "invalid_input",
+         ["image 0", "base64"]),
+        ("multipart without files", "ultrasound", {"data": {"note": "x"}, "files": [("other", ("", b"", ""))]},
+         422, "invalid", []),
+        ("unsupported media type", "ultrasound", {"content": b"abc", "headers": {"Content-Type": "text/plain"}},
+         415, "unsupported_media_type", ["multipart"]),
+    ]
+
+
+def test_every_bad_input_gets_a_named_4xx_and_the_app_keeps_serving(app):
+    client, _ = app
+    n_features = len(client.get("/v1/models").json()["models"]["exercise"]["input"]["feature_names"])
+    failures = []
+    for name, task, kwargs, status, code, words in bad_requests(n_features):
+        r = client.post(f"/v1/{task}/predict", **kwargs)
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+        ok = (r.status_code == status and set(body) == {"error", "detail"} and code in body["error"]
+              and all(w in body["detail"] for w in words))
+        if not ok:
+            failures.append(f"{name}: {r.status_code} {r.text[:200]}")
+    assert not failures, "\n".join(failures)
+    for method, path, status in (("GET", "/v1/nope", 404), ("GET", "/v1/genomic/predict", 405)):
+        r = client.request(method, path)
+        assert r.status_code == status and set(r.json()) == {"error", "detail"}
+    # nothing crashed: every replica is up and still answers
+    assert client.get("/readyz").status_code == 200
+    assert client.post("/v1/genomic/predict", json={"sequences": ["ACGT" * 15]}).status_code == 200
+
+
+def test_serve_config_is_a_valid_serve_deploy_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import MODEL_TASKS, config_deployment_options, default_config
+
+    raw = (Path(__file__).resolve().parents[1] / "serve" / "config.yaml").read_text()
+    config = ServeDeploySchema.model_validate(yaml.safe_load(raw))
+    app_cfg = config.applications[0]
+    assert app_cfg.import_path == "serve.app:build_app"
+    assert set(app_cfg.args["bundles"]) == set(MODEL_TASKS)
+    options = config_deployment_options(default_config())
+    assert set(options) == {"ingress", *MODEL_TASKS}
+    for task in MODEL_TASKS:
+        auto = options[task]["autoscaling_config"]
+        assert auto["target_ongoing_requests"] < options[task]["max_ongoing_requests"]
+        assert options[task]["max_queued_requests"] > 0
+
+
+def test_build_app_refuses_unknown_tasks_and_bad_limits():
+    from serve.app import build_app
+
+    with pytest.raises(ValueError, match="unknown task"):
+        build_app({"bundles": {"cardiology": "x"}})
+    with pytest.raises(ValueError, match="unknown limit"):
+        build_app({"bundles": {"genomic": "x"}, "limits": {"max_bodies": 1}})
+    with pytest.raises(ValueError, match="bundles"):
+        build_app({})
