@@ -1,4 +1,4 @@
-"""`medray` command line: train, evaluate, predict, serve, demo."""
+"""`medray` command line: train, evaluate, predict, generate, serve, submit, jobs, demo."""
 
 from __future__ import annotations
 
@@ -12,6 +12,15 @@ from medray.tasks import TASKS
 
 
 def _train(args) -> int:
+    if args.task == "genomic-gan":
+        from medray.gan import train_gan
+
+        train_gan(args.data, args.out, epochs=args.epochs or 60, batch_size=args.batch_size or 64,
+                  lr=args.lr or 2e-4, workers=args.workers, gpu=args.gpu, storage=args.storage, name=args.name,
+                  seed=args.seed, conditional=args.conditional, max_failures=args.max_failures, address=args.address)
+        return 0
+    if args.conditional:
+        raise MedrayError("--conditional is for genomic-gan")
     from medray.train import train
 
     train(args.task, args.data, args.out, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
@@ -25,7 +34,35 @@ def _evaluate(args) -> int:
     from medray.bundle import load_bundle
     from medray.inference import evaluate_file
 
-    print(json.dumps(evaluate_file(load_bundle(args.bundle), args.data), indent=2))
+    bundle = load_bundle(args.bundle)
+    if bundle.task == "genomic-gan":
+        from medray.gan import evaluate_gan
+
+        print(json.dumps(evaluate_gan(bundle, args.data, n=args.n, seed=args.seed, classifier=args.classifier),
+                         indent=2))
+        return 0
+    print(json.dumps(evaluate_file(bundle, args.data), indent=2))
+    return 0
+
+
+def _generate(args) -> int:
+    from Bio import SeqIO
+    from Bio.Seq import Seq
+    from Bio.SeqRecord import SeqRecord
+
+    from medray.bundle import load_bundle
+    from medray.gan import generate
+
+    bundle = load_bundle(args.bundle)
+    seqs, labels = generate(bundle, args.n, label=args.label, seed=args.seed)
+    records = [SeqRecord(Seq(s), id=f"gen-{args.seed}-{i + 1}", description=f"label={lab}" if lab else "")
+               for i, (s, lab) in enumerate(zip(seqs, labels))]
+    if args.out:
+        with open(args.out, "w") as f:
+            SeqIO.write(records, f, "fasta")
+        print(f"{len(records)} sequences written to {args.out}", file=sys.stderr)
+    else:
+        SeqIO.write(records, sys.stdout, "fasta")
     return 0
 
 
@@ -49,6 +86,41 @@ def _serve(args) -> int:
     return 0
 
 
+def _submit(args) -> int:
+    from medray import jobs
+
+    job_id = jobs.submit(args.spec, args.address, working_dir=args.working_dir, pip=args.pip,
+                         submission_id=args.job_id)
+    print(job_id, flush=True)
+    if not args.follow:
+        print(f"[medray] submitted; follow with: medray jobs logs {job_id} --address {args.address} --follow",
+              file=sys.stderr)
+        return 0
+    status = jobs.follow(args.address, job_id)
+    print(f"[medray] job {job_id}: {status}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _jobs(args) -> int:
+    from medray import jobs
+
+    if args.action == "list":
+        for j in jobs.list_jobs(args.address):
+            print(f"{j['id']}\t{j['status']}\t{j['entrypoint'][:100]}")
+        return 0
+    if not args.job_id:
+        raise MedrayError(f"medray jobs {args.action} needs a JOB_ID")
+    if args.action == "logs":
+        if args.follow:
+            status = jobs.follow(args.address, args.job_id)
+            return 0 if status == "SUCCEEDED" else 1
+        sys.stdout.write(jobs.logs(args.address, args.job_id))
+        return 0
+    stopped = jobs.stop(args.address, args.job_id)
+    print(f"{args.job_id}: {'stop requested' if stopped else 'not running'}")
+    return 0
+
+
 def _demo(args) -> int:
     from medray.demo import run_demo
 
@@ -61,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model as a Ray Train job and write a bundle")
-    t.add_argument("task", choices=TASKS)
+    t.add_argument("task", choices=[*TASKS, "genomic-gan"])
     t.add_argument("--data", required=True, help="CSV/Parquet (exercise), image folder or manifest CSV "
                    "(ultrasound), FASTA or CSV (genomic)")
     t.add_argument("--out", required=True, help="bundle directory to write")
@@ -79,12 +151,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--label-column", help="exercise: label column (default: the last column)")
     t.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
     t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local instance)")
+    t.add_argument("--conditional", action="store_true", help="genomic-gan: condition on the labels (e.g. EI/IE/N)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("evaluate", help="metrics of a bundle on labelled data, as JSON")
     e.add_argument("bundle")
-    e.add_argument("--data", required=True)
+    e.add_argument("--data", required=True, help="labelled data; for a genomic-gan bundle: real sequences "
+                   "(held out from its training when possible)")
+    e.add_argument("--n", type=int, help="genomic-gan: sequences to generate (default: as many as the real sample)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--classifier", help="genomic-gan (conditional): a genomic classifier bundle to label the "
+                   "generated sequences with")
     e.set_defaults(func=_evaluate)
+
+    g = sub.add_parser("generate", help="sample DNA sequences from a genomic-gan bundle (FASTA)")
+    g.add_argument("bundle")
+    g.add_argument("--n", type=int, default=10)
+    g.add_argument("--label", help="class to generate (conditional generators)")
+    g.add_argument("--seed", type=int, default=0, help="the same seed gives the same sequences")
+    g.add_argument("--out", help="FASTA file (default: stdout)")
+    g.set_defaults(func=_generate)
 
     pr = sub.add_parser("predict", help="predictions of a bundle, one row per input (CSV or .jsonl)")
     pr.add_argument("bundle")
@@ -100,6 +186,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-throughput-optimized", action="store_true",
                    help="local instance: leave RAY_SERVE_THROUGHPUT_OPTIMIZED off (see README, Serving)")
     s.set_defaults(func=_serve)
+
+    default_address = os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265")
+    sb = sub.add_parser("submit", help="submit a training job spec (YAML) to a Ray cluster (Ray Jobs SDK)")
+    sb.add_argument("spec", help="job spec YAML (see jobs/specs/)")
+    sb.add_argument("--address", default=default_address, help="Ray dashboard address (default $RAY_ADDRESS "
+                    "or http://127.0.0.1:8265)")
+    sb.add_argument("--follow", action="store_true", help="stream the logs; exit status is the job's outcome")
+    sb.add_argument("--working-dir", default=".", help="uploaded as the job's working_dir (default: .)")
+    sb.add_argument("--pip", nargs="*", help="pip requirements installed for the job (default: none; the "
+                    "cluster image has medray's dependencies)")
+    sb.add_argument("--job-id", help="submission id (default: generated)")
+    sb.set_defaults(func=_submit)
+
+    jb = sub.add_parser("jobs", help="list, show logs of, or stop jobs on a Ray cluster")
+    jb.add_argument("action", choices=["list", "logs", "stop"])
+    jb.add_argument("job_id", nargs="?")
+    jb.add_argument("--address", default=default_address)
+    jb.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    jb.set_defaults(func=_jobs)
 
     d = sub.add_parser("demo", help="generate synthetic data for all tasks, train, evaluate, summarise")
     d.add_argument("--workdir", default=".medray-demo")

@@ -26,6 +26,7 @@ from medray.errors import DataError, MedrayError
 from medray.metrics import classification_metrics
 from medray.models import build_model
 from medray.split import resolve_groups, split_indices
+from medray.data.location import localize
 from medray.tasks import encode_labels, fit_preprocessor, load_preset, read_training_data
 
 STATE = "state.pt"
@@ -132,7 +133,7 @@ def train_loop_per_worker(config: dict):
                 ys.append(batch["y"].cpu().numpy())
         k = config["n_classes"]
         mine = (np.concatenate(probs) if probs else np.zeros((0, k)), np.concatenate(ys) if ys else np.zeros(0, int),
-                rows, loss_sum, val_loss)
+                rows, loss_sum, val_loss, ray.get_runtime_context().get_node_id())
         parts = _gather(mine)
         p_all = np.concatenate([p[0] for p in parts])
         y_all = np.concatenate([p[1] for p in parts])
@@ -148,6 +149,7 @@ def train_loop_per_worker(config: dict):
             "val_macro_f1": val.get("macro_f1"),
             "val_auroc": val.get("auroc"),
             "rows_per_worker": rows_per_worker,
+            "node_per_worker": [p[5] for p in parts],
             "val_rows": int(len(y_all)),
             "world_size": world,
             "seconds": round(time.time() - t0, 2),
@@ -228,6 +230,7 @@ def train(
     label_column: str | None = None,
     max_failures: int = 2,
     address: str | None = None,
+    placement_strategy: str = "PACK",
     log=print,
 ) -> dict:
     """Train one model as a Ray Train job and write its bundle to `out`. Returns bundle.json."""
@@ -238,6 +241,7 @@ def train(
         raise MedrayError("epochs, batch size and workers must be at least 1 and the learning rate positive")
 
     exclude = (group_column,) if group_column and ":" not in group_column else ()
+    data = localize(data)
     ds = read_training_data(task, data, preset=preset, label_column=label_column, exclude=exclude)
     if ds.labels is None:
         raise DataError(f"{data}: no labels found")
@@ -294,7 +298,8 @@ def train(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources,
+                                               placement_strategy=placement_strategy),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage,

@@ -45,15 +45,19 @@ from serve.inputs import (
     decode_images,
     images_from_json,
     parse_features,
+    parse_generate,
     parse_sequences,
     prediction_objects,
 )
 
 logger = logging.getLogger("ray.serve")
 
-MODEL_TASKS = ("exercise", "ultrasound", "genomic")
+MODEL_TASKS = ("exercise", "ultrasound", "genomic", "genomic-gan")
 BATCH_HEADER = "X-Medray-Batch-Size"  # instances in the forward pass that served this request
 RETRY_AFTER_S = 1
+# Requests with this many instances skip batching in the ingress: they fill a forward pass on their
+# own, and separate calls let the router spread them over replicas of a heavy model.
+DIRECT_CALL_INSTANCES = 32
 
 
 # --------------------------------------------------------------------------- model replicas
@@ -153,6 +157,47 @@ def _concat(items: list):
     return [s for x in items for s in x]
 
 
+@serve.deployment(
+    max_ongoing_requests=16,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
+    ray_actor_options={"num_cpus": 1},
+)
+class GeneratorServer:
+    """A genomic-gan bundle: sequences sampled with `medray.gan.generate` (what `medray generate` runs)."""
+
+    def __init__(self, bundle_path: str):
+        import torch
+
+        _undo_worker_niceness()
+        self.path, self.bundle, self.error = str(bundle_path), None, None
+        try:
+            self.bundle = load_bundle(self.path)
+            if self.bundle.task != "genomic-gan":
+                raise MedrayError(f"{self.path}: a {self.bundle.task} bundle, not a genomic-gan generator")
+        except MedrayError as e:
+            self.bundle, self.error = None, str(e)
+            logger.error("generator bundle failed to load: %s", e)
+            return
+        if torch.cuda.is_available():
+            self.bundle.to("cuda")
+
+    def info(self) -> dict:
+        if self.bundle is None:
+            return {"ready": False, "bundle": self.path, "error": self.error}
+        m = self.bundle.meta
+        return {"ready": True, "bundle": self.path, "name": self.bundle.name, "version": self.bundle.version,
+                "task": self.bundle.task, "model": m["model"], "labels": self.bundle.labels, "input": m.get("input"),
+                "metrics": {"last_epoch": (m.get("metrics", {}).get("history") or [{}])[-1]},
+                "device": str(self.bundle.device)}
+
+    def generate(self, n: int, label: str | None, seed: int) -> tuple[list[str], list]:
+        from medray.gan import generate
+
+        if self.bundle is None:
+            raise ModelUnavailable(self.error)
+        return generate(self.bundle, n, label=label, seed=seed)
+
+
 # --------------------------------------------------------------------------- HTTP API
 
 
@@ -167,6 +212,12 @@ class GenomicRequest(BaseModel):
 
 class UltrasoundRequest(BaseModel):
     images: list[str] = Field(min_length=1, description="base64-encoded PNG/JPEG/DICOM images")
+
+
+class GenerateRequest(BaseModel):
+    n: int = Field(ge=1, description="number of sequences (at most max_instances)")
+    label: str | None = Field(None, description="class to generate, for conditional generators (e.g. EI)")
+    seed: int = Field(0, ge=0, description="the same seed gives the same sequences")
 
 
 class Prediction(BaseModel):
@@ -318,7 +369,10 @@ class Gateway:
 
     async def _predict(self, task: str, info: dict, inputs) -> Response:
         try:
-            probs, batch = await getattr(self, f"_batch_{task}")(inputs)
+            if len(inputs) >= DIRECT_CALL_INSTANCES:  # already a batch: its own call, to any replica
+                probs, batch = await self.models[task].predict.remote(inputs)
+            else:
+                probs, batch = await getattr(self, f"_batch_{task}")(inputs)
         except BackPressureError:
             return _error(503, "overloaded", f"the {task} model's queue is full; retry after {RETRY_AFTER_S}s",
                           {"Retry-After": str(RETRY_AFTER_S)})
@@ -394,6 +448,25 @@ class Gateway:
         images = decode_images(files, info["input"]["size"][0], self.limits)
         return await self._predict("ultrasound", info, images)
 
+    @api.post("/v1/genomic/generate", summary="DNA sequences sampled from the genomic GAN (JSON or FASTA)",
+              openapi_extra=_body({"application/json": GenerateRequest}),
+              responses={**_ERRORS, 200: {"content": {"application/json": {}, "text/x-fasta": {}}}})
+    async def generate_genomic(self, request: Request) -> Response:
+        info = await self._ready_model("genomic-gan")
+        body = await read_body(request, self.limits.max_body_bytes)
+        n, label, seed = parse_generate(body, info["labels"], bool(info["input"].get("conditional")), self.limits)
+        try:
+            seqs, labels = await self.models["genomic-gan"].generate.remote(n, label, seed)
+        except BackPressureError:
+            return _error(503, "overloaded", f"the generator's queue is full; retry after {RETRY_AFTER_S}s",
+                          {"Retry-After": str(RETRY_AFTER_S)})
+        ids = [f"gen-{seed}-{i + 1}" for i in range(len(seqs))]
+        if "text/x-fasta" in request.headers.get("accept", ""):
+            text = "".join(f">{i}{' label=' + lab if lab else ''}\n{s}\n" for i, s, lab in zip(ids, seqs, labels))
+            return Response(text, media_type="text/x-fasta")
+        return _json({"sequences": [{"id": i, "sequence": s, "label": lab} for i, s, lab in zip(ids, seqs, labels)],
+                      "model": {"name": info["name"], "version": info["version"]}})
+
     async def _multipart_files(self, request: Request, body: bytes) -> list[tuple[str, bytes]]:
         request._body = body  # already read (and size-checked); let Starlette's parser reuse it
         try:
@@ -425,7 +498,7 @@ def bundle_task(path: str) -> str:
 def build_app(args: dict | None = None, deployment_options: dict[str, dict] | None = None):
     """Serve application builder (`import_path: serve.app:build_app`).
 
-    args: `bundles: {task: BUNDLE_DIR}` (tasks: exercise, ultrasound, genomic) and optional
+    args: `bundles: {task: BUNDLE_DIR}` (tasks: exercise, ultrasound, genomic, genomic-gan) and optional
     `limits: {max_body_bytes, max_instances, max_sequence_length, max_image_pixels}`.
     `deployment_options` ({deployment name: options}) is for callers outside `serve run`
     (`medray serve`); under `serve run`/`serve deploy` the config's `deployments:` apply.
@@ -439,8 +512,10 @@ def build_app(args: dict | None = None, deployment_options: dict[str, dict] | No
         raise ValueError(f"unknown task(s) {sorted(unknown)} in args.bundles (known: {', '.join(MODEL_TASKS)})")
     Limits.from_dict(args.get("limits"))  # fail at build time, not in the replica
     opts = deployment_options or {}
-    models = {task: ModelServer.options(name=task, **opts.get(task, {})).bind(str(Path(path).expanduser().absolute()))
-              for task, path in bundles.items()}
+    models = {}
+    for task, path in bundles.items():
+        cls = GeneratorServer if task == "genomic-gan" else ModelServer
+        models[task] = cls.options(name=task, **opts.get(task, {})).bind(str(Path(path).expanduser().absolute()))
     return Gateway.options(name="ingress", **opts.get("ingress", {})).bind(models, args.get("limits"))
 
 

@@ -212,6 +212,34 @@ def decode_images(files: list[tuple[str, bytes]], size: int, limits: Limits) -> 
     return out
 
 
+# --------------------------------------------------------------------------- genomic GAN
+
+
+def parse_generate(body: bytes, labels: list[str], conditional: bool, limits: Limits) -> tuple[int, str | None, int]:
+    """`{"n": …, "label": …, "seed": …}` → (n, label, seed), each checked."""
+    doc = parse_json(body)
+    if not isinstance(doc, dict):
+        raise invalid(f"expected a JSON object {{\"n\": …}}, got {type(doc).__name__}")
+    unknown = set(doc) - {"n", "label", "seed"}
+    if unknown:
+        raise invalid(f"unknown field(s) {sorted(unknown)} (known: n, label, seed)")
+    n, label, seed = doc.get("n"), doc.get("label"), doc.get("seed", 0)
+    if type(n) is not int:
+        raise invalid(f"'n' must be an integer, got {n!r}")
+    if n < 1:
+        raise invalid(f"'n' must be at least 1, got {n}")
+    if n > limits.max_instances:
+        raise RequestError(413, "too_many_instances", f"n={n} is over the limit of {limits.max_instances} per request")
+    if type(seed) is not int or not 0 <= seed < 2**63:
+        raise invalid(f"'seed' must be an integer from 0 to 2^63-1, got {seed!r}")
+    if label is not None:
+        if not conditional:
+            raise invalid("this generator is unconditional: send no 'label'")
+        if label not in labels:
+            raise invalid(f"unknown label {label!r} (known: {', '.join(labels)})")
+    return n, label, seed
+
+
 # --------------------------------------------------------------------------- responses
 
 

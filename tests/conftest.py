@@ -74,3 +74,14 @@ def trained(ray_session, storage, tmp_path_factory):
         return cache[task]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def gan(ray_session, storage, tmp_path_factory):
+    """A conditional genomic GAN trained once per session on the real splice data (2 workers)."""
+    from medray.gan import train_gan
+
+    out = tmp_path_factory.mktemp("gan") / "genomic-gan"
+    meta = train_gan(str(shared("genomic", "splice.fasta")), str(out), epochs=12, workers=2, storage=str(storage),
+                     name="test-gan", conditional=True, seed=0)
+    return meta, out

@@ -28,13 +28,14 @@ TEST_LIMITS = {"max_body_bytes": 1 << 20, "max_instances": 50, "max_sequence_len
 
 
 @pytest.fixture(scope="module")
-def app(trained):
+def app(trained, gan):
     from ray import serve
 
     from serve.app import default_config
     from serve.local import start
 
     bundles = {t: str(trained(t)[1]) for t in ("genomic", "exercise", "ultrasound")}
+    bundles["genomic-gan"] = str(gan[1])
     config = copy.deepcopy(default_config())
     config["applications"][0]["args"]["limits"] = TEST_LIMITS
     for d in config["applications"][0]["deployments"]:
@@ -120,18 +121,43 @@ def test_ultrasound_multipart_base64_and_raw_match_medray_predict(app, tmp_path)
 def test_models_health_readiness_and_openapi(app):
     client, bundles = app
     models = client.get("/v1/models").json()["models"]
-    assert set(models) == {"genomic", "exercise", "ultrasound"}
+    assert set(models) == {"genomic", "exercise", "ultrasound", "genomic-gan"}
     for task, info in models.items():
         assert info["ready"] and info["task"] == task and info["bundle"] == bundles[task]
-        assert info["labels"] and info["input"]["type"] and 0 <= info["metrics"]["validation"]["accuracy"] <= 1
+        assert info["labels"] and info["input"]["type"]
+        if task != "genomic-gan":
+            assert 0 <= info["metrics"]["validation"]["accuracy"] <= 1
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
     spec = client.get("/openapi.json").json()
-    for route in ("/v1/exercise/predict", "/v1/ultrasound/predict", "/v1/genomic/predict", "/v1/models"):
+    for route in ("/v1/exercise/predict", "/v1/ultrasound/predict", "/v1/genomic/predict", "/v1/genomic/generate",
+                  "/v1/models"):
         assert route in spec["paths"]
     assert "text/x-fasta" in spec["paths"]["/v1/genomic/predict"]["post"]["requestBody"]["content"]
     assert client.get("/docs").status_code == 200
+
+
+def test_generate_is_seeded_like_medray_generate_and_speaks_fasta(app, gan):
+    from medray.bundle import load_bundle
+    from medray.gan import generate
+
+    client, _ = app
+    r = client.post("/v1/genomic/generate", json={"n": 6, "label": "EI", "seed": 11})
+    assert r.status_code == 200, r.text
+    got = [s["sequence"] for s in r.json()["sequences"]]
+    assert got == generate(load_bundle(gan[1]), 6, label="EI", seed=11)[0]
+    again = client.post("/v1/genomic/generate", json={"n": 6, "label": "EI", "seed": 11}).json()["sequences"]
+    assert [s["sequence"] for s in again] == got
+    other = client.post("/v1/genomic/generate", json={"n": 6, "label": "EI", "seed": 12}).json()["sequences"]
+    assert [s["sequence"] for s in other] != got
+    fasta = client.post("/v1/genomic/generate", json={"n": 3, "seed": 1}, headers={"Accept": "text/x-fasta"})
+    assert fasta.headers["content-type"].startswith("text/x-fasta") and fasta.text.count(">") == 3
+    for body, status, words in (({"n": 0}, 422, "at least 1"), ({"n": 51}, 413, "limit"),
+                                ({"n": 2, "label": "XX"}, 422, "unknown label"), ({"n": "5"}, 422, "integer"),
+                                ({"n": 2, "seed": -1}, 422, "seed"), ({"count": 2}, 422, "unknown field")):
+        bad = client.post("/v1/genomic/generate", json=body)
+        assert bad.status_code == status and words in bad.json()["detail"], (body, bad.text)
 
 
 # --------------------------------------------------------------------------- batching and autoscaling

@@ -1,0 +1,132 @@
+"""Jobs on a real two-node Ray cluster started here (`ray start --head` + `ray start --address`):
+`medray submit` runs a training job spec with one worker on each node, `medray jobs logs/stop`."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import shared
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_TRAIN_V2_ENABLED"] = "1"
+    return env
+
+
+def _alive_nodes(dashboard: str) -> int:
+    from ray.util.state import list_nodes
+
+    return sum(1 for n in list_nodes(address=dashboard) if n.state == "ALIVE")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Head (GCS + dashboard/Jobs API) and one worker node, 3 logical CPUs each; stopped after."""
+    gcs, dash = _free_port(), _free_port()
+    common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "3", "--disable-usage-stats"]
+    logs = tmp_path_factory.mktemp("cluster-logs")
+    procs = [subprocess.Popen([RAY, "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
+                               "--dashboard-port", str(dash), "--include-dashboard", "true",
+                               "--resources", '{"medray_head": 1}', *common],
+                              env=_env(), start_new_session=True, stdout=open(logs / "head.log", "w"),
+                              stderr=subprocess.STDOUT)]
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        _wait(lambda: urllib.request.urlopen(f"{address}/api/version", timeout=2).status == 200, 120, "head node")
+        procs.append(subprocess.Popen([RAY, "start", "--address", f"127.0.0.1:{gcs}",
+                                       "--resources", '{"medray_worker": 1}', *common],
+                                      env=_env(), start_new_session=True, stdout=open(logs / "worker.log", "w"),
+                                      stderr=subprocess.STDOUT))
+        _wait(lambda: _alive_nodes(address) == 2, 120, "second node")
+        yield address
+    finally:
+        for p in reversed(procs):
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(timeout=60)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def _wait(check, timeout_s: float, what: str):
+    deadline, last = time.time() + timeout_s, None
+    while time.time() < deadline:
+        try:
+            if check():
+                return
+        except Exception as e:  # not up yet
+            last = e
+        time.sleep(1)
+    raise AssertionError(f"{what} not ready after {timeout_s}s: {last}")
+
+
+def medray(*args, timeout=900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "medray", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=_env())
+
+
+def test_submitted_job_trains_on_both_nodes_and_writes_its_bundle(cluster, tmp_path):
+    spec = {"task": "genomic", "data": str(shared("genomic", "splice.fasta")), "out": str(tmp_path / "bundle"),
+            "storage": str(tmp_path / "runs"), "name": "two-nodes", "epochs": 2, "workers": 2,
+            "group_column": "id-prefix", "placement_strategy": "STRICT_SPREAD"}
+    spec_file = tmp_path / "genomic.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    r = medray("submit", str(spec_file), "--address", cluster, "--follow")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    job_id = r.stdout.splitlines()[0].strip()
+    meta = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    last = meta["metrics"]["history"][-1]
+    assert meta["training"]["epochs_trained"] == 2
+    assert len(set(last["node_per_worker"])) == 2, f"both workers on one node: {last['node_per_worker']}"
+    assert (tmp_path / "runs" / "two-nodes").is_dir()  # checkpoints where the spec says
+    logs = medray("jobs", "logs", job_id, "--address", cluster)
+    assert logs.returncode == 0 and "[medray] job done" in logs.stdout
+    listed = medray("jobs", "list", "--address", cluster)
+    assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
+
+
+def test_a_running_job_can_be_stopped(cluster, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    spec = {"task": "genomic", "data": str(shared("genomic", "splice.fasta")), "out": str(tmp_path / "bundle"),
+            "storage": str(tmp_path / "runs"), "name": "to-stop", "epochs": 200, "workers": 1}
+    spec_file = tmp_path / "long.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    r = medray("submit", str(spec_file), "--address", cluster)
+    assert r.returncode == 0, r.stderr[-2000:]
+    job_id = r.stdout.strip().splitlines()[0]
+    client = JobSubmissionClient(cluster)
+    _wait(lambda: client.get_job_status(job_id) == JobStatus.RUNNING, 120, "job start")
+    stop = medray("jobs", "stop", job_id, "--address", cluster)
+    assert stop.returncode == 0 and "stop requested" in stop.stdout
+    _wait(lambda: client.get_job_status(job_id) == JobStatus.STOPPED, 120, "job stop")
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_bad_spec_is_refused_before_submission(tmp_path):
+    spec_file = tmp_path / "bad.yaml"
+    spec_file.write_text("task: genomic\ndata: x.fasta\nepochs: ten\n")
+    r = medray("submit", str(spec_file), "--address", "http://127.0.0.1:9")
+    assert r.returncode == 2 and "missing required setting 'out'" in r.stderr
+    spec_file.write_text("task: genomic\ndata: x.fasta\nout: b\nepochs: ten\n")
+    r = medray("submit", str(spec_file), "--address", "http://127.0.0.1:9")
+    assert r.returncode == 2 and "'epochs' must be int" in r.stderr
