@@ -15,9 +15,11 @@ def _train(args) -> int:
     if args.task == "genomic-gan":
         from medray.gan import train_gan
 
-        train_gan(args.data, args.out, epochs=args.epochs or 60, batch_size=args.batch_size or 64,
-                  lr=args.lr or 2e-4, workers=args.workers, gpu=args.gpu, storage=args.storage, name=args.name,
-                  seed=args.seed, conditional=args.conditional, max_failures=args.max_failures, address=args.address)
+        given = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr))
+                 if v is not None}
+        train_gan(args.data, args.out, workers=args.workers, gpu=args.gpu, storage=args.storage, name=args.name,
+                  seed=args.seed, conditional=args.conditional, max_failures=args.max_failures, address=args.address,
+                  **given)
         return 0
     if args.conditional:
         raise MedrayError("--conditional is for genomic-gan")

@@ -40,16 +40,20 @@ CHECKPOINT_META = "checkpoint.json"
 
 
 def _allreduce_grads(module: nn.Module) -> None:
+    """Average gradients over workers: one all-reduce of all of them, flattened."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    world = dist.get_world_size()
-    for p in module.parameters():
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad /= world
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p, g in zip(module.parameters(), grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
 
 
 def _broadcast(module: nn.Module) -> None:
@@ -71,7 +75,7 @@ def gan_loop_per_worker(config: dict):
     device = torch.device("cuda" if config["gpu"] and torch.cuda.is_available() else "cpu")
     k = len(config["labels"]) if config["conditional"] else 0
     gen = DNAGenerator([4, config["length"]], len(config["labels"]), **config["generator"]).to(device)
-    critic = DNACritic(config["length"], k).to(device)
+    critic = DNACritic(config["length"], k, width=config["generator"]["width"]).to(device)
     opt_g = torch.optim.Adam(gen.parameters(), lr=config["lr"], betas=(0.5, 0.9))
     opt_c = torch.optim.Adam(critic.parameters(), lr=config["lr"], betas=(0.5, 0.9))
     start, history = 1, []
@@ -87,15 +91,18 @@ def gan_loop_per_worker(config: dict):
     _broadcast(gen)
     _broadcast(critic)
     shard = ray.train.get_dataset_shard("train")
+    # this worker's shard, read once (sequences are small); batches are drawn from it at random
+    rows = list(shard.iter_torch_batches(batch_size=4096, device=device))
+    xs = torch.cat([r["x"] for r in rows]).float()
+    ys = torch.cat([r["y"] for r in rows]).long()
     rng = torch.Generator(device="cpu").manual_seed(config["seed"] * 1000 + rank)
     for epoch in range(start, config["epochs"] + 1):
         t0 = time.time()
         gen.train()
         c_losses, g_losses, gps, step = [], [], [], 0
-        for batch in shard.iter_torch_batches(batch_size=config["batch_size"], device=device, drop_last=True,
-                                              local_shuffle_buffer_size=4 * config["batch_size"],
-                                              local_shuffle_seed=config["seed"] + epoch + 100 * rank):
-            real, y = batch["x"], batch["y"]
+        for step in range(1, config["steps_per_epoch"] + 1):
+            idx = torch.randint(0, len(xs), (config["batch_size"],), generator=rng).to(device)
+            real, y = xs[idx], ys[idx]
             n = len(real)
             z = torch.randn(n, gen.z_dim, generator=rng).to(device)
             fake = gen(z, y).detach()
@@ -108,9 +115,8 @@ def gan_loop_per_worker(config: dict):
             loss_c.backward()
             _allreduce_grads(critic)
             opt_c.step()
-            c_losses.append(float(loss_c))
-            gps.append(float(gp))
-            step += 1
+            c_losses.append(float(loss_c.detach()))
+            gps.append(float(gp.detach()))
             if step % config["n_critic"] == 0:
                 z = torch.randn(n, gen.z_dim, generator=rng).to(device)
                 loss_g = -critic(gen(z, y), y).mean()
@@ -118,14 +124,15 @@ def gan_loop_per_worker(config: dict):
                 loss_g.backward()
                 _allreduce_grads(gen)
                 opt_g.step()
-                g_losses.append(float(loss_g))
+                g_losses.append(float(loss_g.detach()))
         parts = _gather((step, float(np.mean(c_losses)) if c_losses else 0.0,
                          float(np.mean(g_losses)) if g_losses else 0.0, float(np.mean(gps)) if gps else 0.0,
-                         ray.get_runtime_context().get_node_id()))
+                         ray.get_runtime_context().get_node_id(), len(xs)))
         metrics = {"epoch": epoch, "critic_loss": round(float(np.mean([p[1] for p in parts])), 5),
                    "generator_loss": round(float(np.mean([p[2] for p in parts])), 5),
                    "gradient_penalty": round(float(np.mean([p[3] for p in parts])), 5),
-                   "steps_per_worker": [p[0] for p in parts], "node_per_worker": [p[4] for p in parts],
+                   "steps_per_worker": [p[0] for p in parts], "rows_per_worker": [p[5] for p in parts],
+                   "node_per_worker": [p[4] for p in parts],
                    "seconds": round(time.time() - t0, 2)}
         if rank == 0:  # quality on the way: 4-mer distance of 512 samples to the training data
             gen.eval()
@@ -305,9 +312,10 @@ def evaluate_gan(bundle: Bundle, data: str, n: int | None = None, seed: int = 0,
 # ----------------------------------------------------------------------------- driver
 
 
-def train_gan(data: str, out: str, *, epochs: int = 60, batch_size: int = 64, lr: float = 2e-4, workers: int = 2,
+def train_gan(data: str, out: str, *, epochs: int = 24, batch_size: int = 32, lr: float = 1e-4, workers: int = 2,
               gpu: bool = False, storage: str | None = None, name: str | None = None, seed: int = 0,
               conditional: bool = False, n_critic: int = 5, gp_weight: float = 10.0, z_dim: int = 64,
+              steps_per_epoch: int = 500,
               max_failures: int = 2, address: str | None = None, placement_strategy: str = "PACK",
               log=print, **_ignored) -> dict:
     from medray.train import DEFAULT_STORAGE, _fingerprint, _latest_local_checkpoint, _to_ray_dataset
@@ -318,7 +326,7 @@ def train_gan(data: str, out: str, *, epochs: int = 60, batch_size: int = 64, lr
     lengths = np.bincount([len(s) for s in ds.inputs])
     length = int(lengths.argmax())
     keep = [i for i, s in enumerate(ds.inputs) if len(s) == length]
-    if len(keep) < 2 * batch_size * workers:
+    if len(keep) < batch_size * workers:
         raise DataError(f"{data}: {len(keep)} sequences of length {length}; too few for batches of {batch_size} "
                         f"on {workers} worker(s)")
     seqs = [ds.inputs[i] for i in keep]
@@ -326,8 +334,9 @@ def train_gan(data: str, out: str, *, epochs: int = 60, batch_size: int = 64, lr
     y = np.array([labels.index(ds.labels[i]) for i in keep] if conditional else [0] * len(keep), dtype=np.int64)
     enc = SequenceEncoder(length)
     x = enc.transform(seqs)
-    arch = {"name": "dna_generator", "params": {"z_dim": z_dim, "width": 128, "conditional": conditional}}
-    recipe = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "n_critic": n_critic, "gp_weight": gp_weight}
+    arch = {"name": "dna_generator", "params": {"z_dim": z_dim, "width": 256, "conditional": conditional}}
+    recipe = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "n_critic": n_critic, "gp_weight": gp_weight,
+              "steps_per_epoch": steps_per_epoch}
     fingerprint = _fingerprint(x, y, {"labels": labels, "task": TASK})
     run_key = hashlib.sha256(json.dumps([fingerprint, arch, recipe, seed, workers], sort_keys=True).encode()).hexdigest()
     name = name or f"{TASK}-{run_key[:10]}"

@@ -495,14 +495,17 @@ def bundle_task(path: str) -> str:
         raise MedrayError(f"{path}: not a readable model bundle ({type(e).__name__}: {e})") from None
 
 
-def build_app(args: dict | None = None, deployment_options: dict[str, dict] | None = None):
-    """Serve application builder (`import_path: serve.app:build_app`).
+def build_app(args: dict):
+    """Serve application builder (`import_path: serve.app:build_app`; Serve passes the config's
+    `args`): `bundles: {task: BUNDLE_DIR}` (tasks: exercise, ultrasound, genomic, genomic-gan) and
+    optional `limits: {max_body_bytes, max_instances, max_sequence_length, max_image_pixels}`.
+    Under `serve run`/`serve deploy` the config's `deployments:` settings apply on top."""
+    return build(args)
 
-    args: `bundles: {task: BUNDLE_DIR}` (tasks: exercise, ultrasound, genomic, genomic-gan) and optional
-    `limits: {max_body_bytes, max_instances, max_sequence_length, max_image_pixels}`.
-    `deployment_options` ({deployment name: options}) is for callers outside `serve run`
-    (`medray serve`); under `serve run`/`serve deploy` the config's `deployments:` apply.
-    """
+
+def build(args: dict | None = None, deployment_options: dict[str, dict] | None = None):
+    """The application, with `deployment_options` ({deployment name: options}) applied: how
+    `medray serve` applies serve/config.yaml's deployment settings outside `serve run`."""
     args = dict(args or {})
     bundles = args.get("bundles") or {}
     if not isinstance(bundles, dict) or not bundles:

@@ -48,7 +48,7 @@ def bundles_by_task(bundle_dirs: list[str]) -> dict[str, str]:
 def start(bundles: dict[str, str], host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
           throughput_optimized: bool = True, config: dict | None = None, name: str = "medray") -> str:
     """Deploy the application and wait until every model is loaded; returns its base URL."""
-    from serve.app import build_app, config_deployment_options, default_config, wait_ready
+    from serve.app import build, config_deployment_options, default_config, wait_ready
 
     config = config or default_config()
     limits = config["applications"][0].get("args", {}).get("limits")
@@ -72,7 +72,7 @@ def start(bundles: dict[str, str], host: str = "127.0.0.1", port: int = 8000, ad
     options = config_deployment_options(config)
     if proxy_port != port:  # direct ingress: one ingress replica owns the port
         options["ingress"] = dict(options.get("ingress", {}), num_replicas=1, autoscaling_config=None)
-    app = build_app({"bundles": bundles, "limits": limits}, options)
+    app = build({"bundles": bundles, "limits": limits}, options)
     serve.run(app, name=name, route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
     wait_ready(url)

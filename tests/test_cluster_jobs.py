@@ -29,6 +29,9 @@ def _free_port() -> int:
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["RAY_TRAIN_V2_ENABLED"] = "1"
+    # the nodes run in this environment, as a cluster's nodes run in theirs: `python` in a job's
+    # entrypoint is this interpreter
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 
@@ -84,13 +87,20 @@ def medray(*args, timeout=900) -> subprocess.CompletedProcess:
                           timeout=timeout, env=_env())
 
 
-def test_submitted_job_trains_on_both_nodes_and_writes_its_bundle(cluster, tmp_path):
-    spec = {"task": "genomic", "data": str(shared("genomic", "splice.fasta")), "out": str(tmp_path / "bundle"),
-            "storage": str(tmp_path / "runs"), "name": "two-nodes", "epochs": 2, "workers": 2,
+@pytest.fixture(scope="module")
+def submitted(cluster, tmp_path_factory):
+    """`medray submit --follow` of a genomic spec: two workers spread over the two nodes."""
+    tmp = tmp_path_factory.mktemp("submitted")
+    spec = {"task": "genomic", "data": str(shared("genomic", "splice.fasta")), "out": str(tmp / "bundle"),
+            "storage": str(tmp / "runs"), "name": "two-nodes", "epochs": 2, "workers": 2,
             "group_column": "id-prefix", "placement_strategy": "STRICT_SPREAD"}
-    spec_file = tmp_path / "genomic.yaml"
+    spec_file = tmp / "genomic.yaml"
     spec_file.write_text(yaml.safe_dump(spec))
-    r = medray("submit", str(spec_file), "--address", cluster, "--follow")
+    return medray("submit", str(spec_file), "--address", cluster, "--follow"), tmp
+
+
+def test_submitted_job_trains_on_both_nodes_and_writes_its_bundle(cluster, submitted):
+    r, tmp_path = submitted
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     job_id = r.stdout.splitlines()[0].strip()
     meta = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
@@ -102,6 +112,40 @@ def test_submitted_job_trains_on_both_nodes_and_writes_its_bundle(cluster, tmp_p
     assert logs.returncode == 0 and "[medray] job done" in logs.stdout
     listed = medray("jobs", "list", "--address", cluster)
     assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
+
+
+def test_rayservice_serve_config_deploys_on_the_cluster_and_predicts(cluster, submitted, tmp_path):
+    """The serveConfigV2 of the rendered RayService (k8s/), deployed with `serve deploy`: only the
+    bundle paths and the address it listens on are changed for this machine."""
+    import shutil
+
+    import httpx
+
+    if not shutil.which("kubectl"):
+        pytest.skip("kubectl not on PATH (Debian package kubectl) to render k8s/base")
+    _, tmp = submitted
+    assert (tmp / "bundle" / "bundle.json").is_file(), "the submitted job did not write its bundle"
+    rendered = yaml.safe_load_all(subprocess.run(["kubectl", "kustomize", str(ROOT / "k8s" / "base")],
+                                                 capture_output=True, text=True, check=True).stdout)
+    (service,) = [d for d in rendered if d and d.get("kind") == "RayService"]
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    port = _free_port()
+    config["http_options"].update(host="127.0.0.1", port=port)
+    config["proxy_location"] = "HeadOnly"  # both nodes share this machine (and so the port)
+    app = config["applications"][0]
+    app["args"]["bundles"] = {"genomic": str(tmp / "bundle")}  # the bundle the job above wrote
+    app["deployments"] = [d for d in app["deployments"] if d["name"] in ("ingress", "genomic")]
+    config_file = tmp_path / "serve-config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    serve_cli = str(Path(sys.executable).with_name("serve"))
+    r = subprocess.run([serve_cli, "deploy", str(config_file), "--address", cluster], capture_output=True,
+                       text=True, env=_env(), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    url = f"http://127.0.0.1:{port}"
+    _wait(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, 180, "deployed application")
+    answer = httpx.post(f"{url}/v1/genomic/predict", json={"sequences": ["ACGT" * 15]}, timeout=30)
+    assert answer.status_code == 200 and len(answer.json()["predictions"]) == 1, answer.text
+    subprocess.run([serve_cli, "shutdown", "--address", cluster, "-y"], capture_output=True, env=_env(), timeout=120)
 
 
 def test_a_running_job_can_be_stopped(cluster, tmp_path):

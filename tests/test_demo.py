@@ -17,6 +17,8 @@ def test_demo_quick_trains_and_evaluates_all_three(ray_session, tmp_path):
         bundle = load_bundle(tmp_path / "bundles" / r["task"])
         assert bundle.meta["training"]["workers"] == 2
         assert r["test_n"] > 0
+    gan = load_bundle(tmp_path / "bundles" / "genomic-gan")
+    assert gan.task == "genomic-gan" and gan.labels == ["EI", "IE", "N"]
     # files written in the formats users bring
     assert (tmp_path / "data" / "exercise" / "train.csv").read_text().startswith("ax_000,")
     assert (tmp_path / "data" / "genomic" / "train.fasta").read_text().startswith(">train-EI-0 label=EI")

@@ -331,7 +331,11 @@ def test_serve_config_is_a_valid_serve_deploy_config():
 
 
 def test_build_app_refuses_unknown_tasks_and_bad_limits():
+    import inspect
+
     from serve.app import build_app
+
+    assert len(inspect.signature(build_app).parameters) == 1  # Serve passes exactly the config's args
 
     with pytest.raises(ValueError, match="unknown task"):
         build_app({"bundles": {"cardiology": "x"}})
