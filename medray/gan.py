@@ -33,10 +33,9 @@ from medray.data.location import localize
 from medray.errors import DataError, MedrayError
 from medray.models import DNACritic, DNAGenerator
 from medray.preprocessing import SequenceEncoder
+from medray.train import CHECKPOINT_META, STATE
 
 TASK = "genomic-gan"
-STATE = "state.pt"
-CHECKPOINT_META = "checkpoint.json"
 
 
 def _allreduce_grads(module: nn.Module) -> None:
@@ -318,7 +317,7 @@ def train_gan(data: str, out: str, *, epochs: int = 24, batch_size: int = 32, lr
               steps_per_epoch: int = 500,
               max_failures: int = 2, address: str | None = None, placement_strategy: str = "PACK",
               log=print, **_ignored) -> dict:
-    from medray.train import DEFAULT_STORAGE, _fingerprint, _latest_local_checkpoint, _to_ray_dataset
+    from medray.train import _fingerprint, _to_ray_dataset, fit_to_final_state, resolve_run_storage
 
     if epochs < 1 or batch_size < 2 or workers < 1 or lr <= 0:
         raise MedrayError("epochs and workers must be at least 1, batch size at least 2, the learning rate positive")
@@ -340,12 +339,7 @@ def train_gan(data: str, out: str, *, epochs: int = 24, batch_size: int = 32, lr
     fingerprint = _fingerprint(x, y, {"labels": labels, "task": TASK})
     run_key = hashlib.sha256(json.dumps([fingerprint, arch, recipe, seed, workers], sort_keys=True).encode()).hexdigest()
     name = name or f"{TASK}-{run_key[:10]}"
-    storage = storage or DEFAULT_STORAGE
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().absolute())
-        previous = _latest_local_checkpoint(Path(storage) / name)
-        if previous and previous["fingerprint"] != fingerprint:
-            raise MedrayError(f"run {name!r} in {storage} was trained on different data; pass another --name")
+    storage = resolve_run_storage(storage, name, fingerprint, epochs, log)
     rng = np.random.default_rng(seed)
     reference = [seqs[i] for i in rng.choice(len(seqs), min(2000, len(seqs)), replace=False)]
     config = {"length": length, "labels": labels, "conditional": conditional, "generator": arch["params"],
@@ -370,19 +364,12 @@ def train_gan(data: str, out: str, *, epochs: int = 24, batch_size: int = 32, lr
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3)),
         datasets={"train": _to_ray_dataset(x, y, seed, shuffle=True)},
     )
-    started = time.time()
-    result = trainer.fit()
-    if result.error:
-        raise MedrayError(f"training failed: {result.error}")
-    if result.checkpoint is None:
-        raise MedrayError(f"training run {name!r} produced no checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=False)
+    state, seconds = fit_to_final_state(trainer, name)
     meta = {
         "name": Path(out).name, "task": TASK, "model": arch,
         "training": {**recipe, "optimizer": "Adam(0.5, 0.9)", "loss": "WGAN-GP", "seed": seed, "workers": workers,
                      "gpu": gpu, "epochs_trained": state["epoch"], "run_name": name, "storage_path": storage,
-                     "seconds": round(time.time() - started, 1)},
+                     "seconds": seconds},
         "preprocessing": enc.to_dict(), "labels": labels, "input_shape": [4, length],
         "input": {"type": "noise", "z_dim": z_dim, "conditional": conditional, "length": length},
         "data": {"source": str(data), "sequences": len(seqs), "fingerprint": fingerprint},

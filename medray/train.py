@@ -201,6 +201,35 @@ def _latest_local_checkpoint(run_dir: Path) -> dict | None:
     return max(metas, key=lambda m: m["epoch"]) if metas else None
 
 
+def resolve_run_storage(storage: str | None, name: str, fingerprint: str, epochs: int, log=print) -> str:
+    """The storage path of run `name` (absolute when local). A local run of that name trained on
+    other data is refused; one that already has `epochs` epochs just writes its bundle again."""
+    storage = storage or DEFAULT_STORAGE
+    if "://" in storage:
+        return storage
+    storage = str(Path(storage).expanduser().absolute())
+    previous = _latest_local_checkpoint(Path(storage) / name)
+    if previous and previous["fingerprint"] != fingerprint:
+        raise MedrayError(f"run {name!r} in {storage} was trained on different data or preprocessing; "
+                          "pass another --name (or remove that run) to start a new one")
+    if previous and previous["epoch"] >= epochs:
+        log(f"[medray] run {name!r} already has {previous['epoch']} epochs; writing its bundle")
+    return storage
+
+
+def fit_to_final_state(trainer, name: str) -> tuple[dict, float]:
+    """Run a TorchTrainer; the state saved in its final checkpoint and the seconds it took."""
+    started = time.time()
+    result = trainer.fit()
+    if result.error:
+        raise MedrayError(f"training failed: {result.error}")
+    if result.checkpoint is None:
+        raise MedrayError(f"training run {name!r} produced no checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=False)
+    return state, round(time.time() - started, 1)
+
+
 def _to_ray_dataset(x: np.ndarray, y: np.ndarray, seed: int, shuffle: bool):
     """Rows as a Ray Dataset. Training rows are permuted first (files are often sorted by class,
     and a local shuffle buffer alone would then feed single-class batches); workers add a local
@@ -266,15 +295,7 @@ def train(
     fingerprint = _fingerprint(x_tr, y_tr, {"labels": labels, "val": hashlib.sha256(x_va.tobytes()).hexdigest()})
     run_key = hashlib.sha256(json.dumps([fingerprint, arch, recipe, seed, workers], sort_keys=True).encode()).hexdigest()
     name = name or f"{task}-{preset['name']}-{run_key[:10]}"
-    storage = storage or DEFAULT_STORAGE
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().absolute())
-        previous = _latest_local_checkpoint(Path(storage) / name)
-        if previous and previous["fingerprint"] != fingerprint:
-            raise MedrayError(f"run {name!r} in {storage} was trained on different data or preprocessing; "
-                              "pass another --name (or remove that run) to start a new one")
-        if previous and previous["epoch"] >= recipe["epochs"]:
-            log(f"[medray] run {name!r} already has {previous['epoch']} epochs; writing its bundle")
+    storage = resolve_run_storage(storage, name, fingerprint, recipe["epochs"], log)
 
     per_worker = max(1, len(y_tr) // workers)
     steps_per_epoch = -(-per_worker // recipe["batch_size"])
@@ -309,15 +330,7 @@ def train(
         datasets={"train": _to_ray_dataset(x_tr, y_tr, seed, shuffle=True),
                   "val": _to_ray_dataset(x_va, y_va, seed, shuffle=False)},
     )
-    started = time.time()
-    result = trainer.fit()
-    if result.error:
-        raise MedrayError(f"training failed: {result.error}")
-    if result.checkpoint is None:
-        raise MedrayError(f"training run {name!r} produced no checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=False)
-
+    state, seconds = fit_to_final_state(trainer, name)
     meta = {
         "name": Path(out).name,
         "task": task,
@@ -325,7 +338,7 @@ def train(
         "training": {**{k: config[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "augment", "class_weights")},
                      "optimizer": "AdamW", "schedule": "cosine per step", "seed": seed, "workers": workers, "gpu": gpu,
                      "epochs_trained": state["epoch"], "run_name": name, "storage_path": storage,
-                     "seconds": round(time.time() - started, 1)},
+                     "seconds": seconds},
         "preprocessing": prep.to_dict(),
         "labels": labels,
         "label_column": ds.meta.get("label_column"),

@@ -4,7 +4,6 @@ training tests), deployed on the session's local Ray instance as `medray serve` 
 import base64
 import copy
 import io
-import json
 import subprocess
 import sys
 import threading

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CASES
+from conftest import CASES, shared
 from medray.bundle import load_bundle
 from medray.errors import DataError
 from medray.inference import evaluate_file, predict_file
