@@ -37,7 +37,8 @@ def ensure_ray(address: str | None = None, quiet: bool = True):
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=local_num_cpus(), **kwargs)
+        # "local": a new instance even when `ray start` left a cluster (or its address file) here
+        ray.init(address="local", num_cpus=local_num_cpus(), **kwargs)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

@@ -148,6 +148,36 @@ def test_rayservice_serve_config_deploys_on_the_cluster_and_predicts(cluster, su
     subprocess.run([serve_cli, "shutdown", "--address", cluster, "-y"], capture_output=True, env=_env(), timeout=120)
 
 
+def test_rayjob_entrypoint_runs_on_the_cluster(cluster, tmp_path):
+    """The genomic RayJob's entrypoint string from k8s/base, run as a job on this cluster with two
+    changes only: the PVC's mount point `/data/` becomes `data/` in the job's directory (a folder of
+    the same layout, datasets/ linked to ../shared/data), and `--epochs 2` is appended (the last
+    flag wins) so it takes a minute, not the preset's thirty epochs."""
+    import shutil
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    if not shutil.which("kubectl"):
+        pytest.skip("kubectl not on PATH (Debian package kubectl) to render k8s/base")
+    rendered = yaml.safe_load_all(subprocess.run(["kubectl", "kustomize", str(ROOT / "k8s" / "base")],
+                                                 capture_output=True, text=True, check=True).stdout)
+    (job,) = [d for d in rendered if d and d.get("kind") == "RayJob" and d["metadata"]["name"].endswith("-genomic")]
+    entrypoint = job["spec"]["entrypoint"]
+    mount = tmp_path / "data"
+    (mount / "datasets").mkdir(parents=True)
+    (mount / "datasets" / "genomic").symlink_to(shared("genomic"))
+    # 2 epochs: the preset's 30 take minutes on this machine
+    command = f"cd {tmp_path} && " + entrypoint.replace("/data/", "data/") + " --epochs 2"
+    client = JobSubmissionClient(cluster)
+    job_id = client.submit_job(entrypoint=command)
+    _wait(lambda: client.get_job_status(job_id) in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED),
+          900, "RayJob entrypoint")
+    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-3000:]
+    meta = json.loads((mount / "bundles" / "genomic" / "bundle.json").read_text())
+    assert meta["task"] == "genomic" and meta["training"]["workers"] == 2
+    assert (mount / "runs").is_dir()
+
+
 def test_a_running_job_can_be_stopped(cluster, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 

@@ -197,3 +197,23 @@ def test_missing_label_names_the_row(tmp_path):
     (tmp_path / "s.csv").write_text("sequence,label\nACGT,EI\nACGT,\n")
     with pytest.raises(DataError, match=r"s\.csv: line 3: missing label in column 'label'"):
         read_genomic(str(tmp_path / "s.csv"))
+
+
+def test_data_uris_are_copied_once_to_a_local_cache(tmp_path, monkeypatch):
+    from medray.data import location
+    from medray.errors import DataError
+
+    monkeypatch.setattr(location, "CACHE", tmp_path / "cache")
+    src = tmp_path / "remote"
+    (src / "benign").mkdir(parents=True)
+    (src / "benign" / "a.png").write_bytes(b"png bytes")
+    (src / "seqs.fasta").write_text(">s1 label=EI\nACGT\n")
+    local = location.localize(f"file://{src / 'seqs.fasta'}")
+    assert local != str(src / "seqs.fasta") and open(local).read() == ">s1 label=EI\nACGT\n"
+    assert location.localize(f"file://{src / 'seqs.fasta'}") == local  # cached, not copied again
+    folder = location.localize(f"file://{src}")
+    assert open(f"{folder}/benign/a.png", "rb").read() == b"png bytes"
+    assert location.localize(str(src / "seqs.fasta")) == str(src / "seqs.fasta")  # plain paths pass through
+    with pytest.raises(DataError, match="no such file"):
+        location.localize(f"file://{tmp_path / 'missing.csv'}")
+    assert not list((tmp_path / "cache").glob("*/.partial-*"))
