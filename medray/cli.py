@@ -15,14 +15,14 @@ def _train(args) -> int:
     if args.task == "genomic-gan":
         from medray.gan import train_gan
 
-        given = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr))
-                 if v is not None}
+        given = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr),
+                                   ("n_critic", args.n_critic)) if v is not None}
         train_gan(args.data, args.out, workers=args.workers, gpu=args.gpu, storage=args.storage, name=args.name,
                   seed=args.seed, conditional=args.conditional, max_failures=args.max_failures, address=args.address,
                   **given)
         return 0
-    if args.conditional:
-        raise MedrayError("--conditional is for genomic-gan")
+    if args.conditional or args.n_critic is not None:
+        raise MedrayError("--conditional and --n-critic are for genomic-gan")
     from medray.train import train
 
     train(args.task, args.data, args.out, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
     t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local instance)")
     t.add_argument("--conditional", action="store_true", help="genomic-gan: condition on the labels (e.g. EI/IE/N)")
+    t.add_argument("--n-critic", type=int, help="genomic-gan: critic steps per generator step (default 5)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("evaluate", help="metrics of a bundle on labelled data, as JSON")
