@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -91,15 +92,21 @@ def sample_inputs(task: str, bundle, n: int) -> tuple[bytes, str, object]:
 LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "{ctype}"
+wrk.headers["Authorization"] = "Bearer {token}"
 local f = io.open("{body}", "rb")
 wrk.body = f:read("*all")
 f:close()
 """
 
 
+# Serve runs with authentication on, as deployed (the plain server ignores the header): the
+# benchmark's own throwaway token, in a tokens file it writes.
+TOKEN = secrets.token_urlsafe(32)
+
+
 def wrk(url: str, body_file: str, ctype: str, concurrency: int, duration: float) -> dict:
     script = Path(tempfile.mkdtemp()) / "post.lua"
-    script.write_text(LUA.format(ctype=ctype, body=body_file))
+    script.write_text(LUA.format(ctype=ctype, body=body_file, token=TOKEN))
     cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--timeout", "60s", "--latency", "-s", str(script), url]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60).stdout
     m = re.search(r"(\d+) requests in ([\d.]+)(ms|s|m)", out)
@@ -152,7 +159,8 @@ def drain(base: str, timeout_s: float = 180) -> None:
 def check_ok(url: str, body: bytes, ctype: str) -> dict:
     import urllib.request
 
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": ctype}, method="POST")
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": ctype, "Authorization": f"Bearer {TOKEN}"},
+                                 method="POST")
     with urllib.request.urlopen(req, timeout=60) as r:
         return json.loads(r.read())
 
@@ -226,7 +234,10 @@ def main() -> None:
         if "serve" in a.servers:
             from serve.local import start
 
-            servers["serve"] = start(bundle_dirs, port=free_port(), throughput_optimized=not a.no_throughput_optimized)
+            tokens = tmp / "tokens"
+            tokens.write_text(TOKEN + "\n")
+            servers["serve"] = start(bundle_dirs, port=free_port(), throughput_optimized=not a.no_throughput_optimized,
+                                     tokens_file=str(tokens), audit_log=str(tmp / "audit.jsonl"))
         for t in a.tasks:
             for n in a.sizes:
                 body_file, ctype, body, _ = bodies[t, n]

@@ -9,6 +9,8 @@ serve/config.yaml is the Serve application config (`serve build` format) that `s
 * `args.bundles`: every task's bundle is `/data/bundles/<task>` on the shared volume (where the
   RayJobs' `medray train ... --out` writes it);
 * `http_options.host`: `0.0.0.0`, so Serve listens on the pod's interfaces, not only loopback;
+* `args.auth.tokens_file`: `/etc/medray/tokens`, where the pods mount the Secret `medray-tokens`
+  (authentication stays on; the tokens never appear in a manifest);
 * prod only: each model deployment's replica takes `PROD_GPUS_PER_MODEL_REPLICA` GPUs
   (`ray_actor_options.num_gpus`); the ingress stays on CPU.
 
@@ -38,6 +40,7 @@ PROD_PATCH = ROOT / "k8s" / "overlays" / "prod" / "rayservice-serve-config.yaml"
 PLACEHOLDER = "{{SERVE_CONFIG_V2}}"
 BUNDLE_ROOT = "/data/bundles"  # the PVC medray-data is mounted at /data
 HTTP_HOST = "0.0.0.0"
+TOKENS_FILE = "/etc/medray/tokens"  # the Secret medray-tokens, key `tokens` (rayservice.template.yaml)
 # Prod: two model replicas share one GPU (the models are small; see "Autoscaling" in k8s/README.md).
 PROD_GPUS_PER_MODEL_REPLICA = 0.5
 
@@ -66,6 +69,8 @@ def k8s_serve_config(config: dict, gpus_per_model_replica: float | None = None) 
         bundles = args.get("bundles") or {}
         if bundles:
             args["bundles"] = {task: f"{BUNDLE_ROOT}/{task}" for task in bundles}
+        if args.get("auth", {}).get("enabled", True):
+            args["auth"] = {"tokens_file": TOKENS_FILE}
         if gpus_per_model_replica is not None:
             deployments = {d["name"]: d for d in app.get("deployments", [])}
             missing = [task for task in bundles if task not in deployments]

@@ -19,7 +19,7 @@ def _train(args) -> int:
                                    ("n_critic", args.n_critic)) if v is not None}
         train_gan(args.data, args.out, workers=args.workers, gpu=args.gpu, storage=args.storage, name=args.name,
                   seed=args.seed, conditional=args.conditional, max_failures=args.max_failures, address=args.address,
-                  **given)
+                  skip_bad=args.skip_bad, **given)
         return 0
     if args.conditional or args.n_critic is not None:
         raise MedrayError("--conditional and --n-critic are for genomic-gan")
@@ -28,7 +28,7 @@ def _train(args) -> int:
     train(args.task, args.data, args.out, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
           lr=args.lr, workers=args.workers, gpu=args.gpu, storage=args.storage, name=args.name, seed=args.seed,
           val_fraction=args.val_fraction, group_column=args.group_column, label_column=args.label_column,
-          max_failures=args.max_failures, address=args.address)
+          max_failures=args.max_failures, address=args.address, skip_bad=args.skip_bad)
     return 0
 
 
@@ -83,8 +83,23 @@ def _predict(args) -> int:
 def _serve(args) -> int:
     from serve.local import serve_bundles
 
+    if args.no_auth and args.tokens_file:
+        raise MedrayError("give --tokens-file or --no-auth, not both")
     serve_bundles(args.bundles, host=args.host, port=args.port, address=args.address,
-                  throughput_optimized=not args.no_throughput_optimized)
+                  throughput_optimized=not args.no_throughput_optimized, config_path=args.config,
+                  tokens_file=args.tokens_file, no_auth=args.no_auth, audit_log=args.audit_log)
+    return 0
+
+
+def _token(args) -> int:
+    from serve.security import MODEL_TASKS, new_token, token_id
+
+    unknown = [m for m in args.models if m not in MODEL_TASKS]
+    if unknown:
+        raise MedrayError(f"unknown model name(s) {unknown} (known: {', '.join(MODEL_TASKS)})")
+    token = new_token()
+    print(" ".join([token, *args.models]))
+    print(f"# a line for the tokens file; in logs this caller is {token_id(token)}", file=sys.stderr)
     return 0
 
 
@@ -153,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--label-column", help="exercise: label column (default: the last column)")
     t.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
     t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local instance)")
+    t.add_argument("--skip-bad", action="store_true", help="leave out unreadable images, malformed rows and "
+                   "bad sequences (counted in the log and the bundle) instead of failing on them")
     t.add_argument("--conditional", action="store_true", help="genomic-gan: condition on the labels (e.g. EI/IE/N)")
     t.add_argument("--n-critic", type=int, help="genomic-gan: critic steps per generator step (default 5)")
     t.set_defaults(func=_train)
@@ -188,7 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local instance)")
     s.add_argument("--no-throughput-optimized", action="store_true",
                    help="local instance: leave RAY_SERVE_THROUGHPUT_OPTIMIZED off (see README, Serving)")
+    s.add_argument("--config", help="Serve config whose deployment settings, limits, auth, cors_origins and "
+                   "audit_log apply (default: serve/config.yaml)")
+    s.add_argument("--tokens-file", help="bearer tokens, one per line, each optionally followed by the models it "
+                   "may call (default: the config's auth.tokens_file)")
+    s.add_argument("--no-auth", action="store_true", help="no authentication (local development only)")
+    s.add_argument("--audit-log", help="append audit lines (JSON) to this file (default: the ingress's stderr)")
     s.set_defaults(func=_serve)
+
+    tk = sub.add_parser("token", help="print a new random API token line for a tokens file")
+    tk.add_argument("models", nargs="*", help="models the token may call (default: all)")
+    tk.set_defaults(func=_token)
 
     default_address = os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265")
     sb = sub.add_parser("submit", help="submit a training job spec (YAML) to a Ray cluster (Ray Jobs SDK)")

@@ -3,6 +3,8 @@ then a conditional genomic GAN on the synthetic DNA, measured against real and r
 
 from __future__ import annotations
 
+import os
+import secrets
 import time
 from pathlib import Path
 
@@ -53,4 +55,16 @@ def run_demo(workdir: str = ".medray-demo", workers: int = 2, quick: bool = Fals
           f"second real sample {gan['second_real_sample']['kmer_js_k4']:.3f}  ({time.time() - started:.0f}s)")
     print(f"\nbundles: {root / 'bundles'}  (try: medray predict {root / 'bundles' / 'genomic'} "
           f"--data {paths['genomic'][1]})   total {time.time() - t0:.0f}s")
+    tokens = write_demo_token(root / "tokens")
+    print(f"API token for serving the demo bundles (serve/config.yaml reads it): {tokens}")
     return rows
+
+
+def write_demo_token(path: Path) -> Path:
+    """A tokens file with one random token (all models), readable by its owner only; kept if present."""
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"# medray demo token (all models). Send it as: Authorization: Bearer <token>\n"
+                    f"{secrets.token_urlsafe(32)}\n")
+    return path

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from medray.bundle import Bundle, write_bundle
+from medray.data.dataset import BadItemsError, skipped_summary, skipped_warning
 from medray.data.genomic import BASES, read_genomic
 from medray.data.location import localize
 from medray.errors import DataError, MedrayError
@@ -316,12 +317,17 @@ def train_gan(data: str, out: str, *, epochs: int = 24, batch_size: int = 32, lr
               conditional: bool = False, n_critic: int = 5, gp_weight: float = 10.0, z_dim: int = 64,
               steps_per_epoch: int = 500,
               max_failures: int = 2, address: str | None = None, placement_strategy: str = "PACK",
-              log=print, **_ignored) -> dict:
+              skip_bad: bool = False, log=print, **_ignored) -> dict:
     from medray.train import _fingerprint, _to_ray_dataset, fit_to_final_state, resolve_run_storage
 
     if epochs < 1 or batch_size < 2 or workers < 1 or lr <= 0:
         raise MedrayError("epochs and workers must be at least 1, batch size at least 2, the learning rate positive")
-    ds = read_genomic(localize(data), require_labels=conditional)
+    try:
+        ds = read_genomic(localize(data), require_labels=conditional, skip_bad=skip_bad)
+    except BadItemsError as e:
+        raise e.with_skip_hint() from None
+    if skipped_warning(ds):
+        log(f"[medray] {skipped_warning(ds)}")
     lengths = np.bincount([len(s) for s in ds.inputs])
     length = int(lengths.argmax())
     keep = [i for i, s in enumerate(ds.inputs) if len(s) == length]
@@ -372,7 +378,8 @@ def train_gan(data: str, out: str, *, epochs: int = 24, batch_size: int = 32, lr
                      "seconds": seconds},
         "preprocessing": enc.to_dict(), "labels": labels, "input_shape": [4, length],
         "input": {"type": "noise", "z_dim": z_dim, "conditional": conditional, "length": length},
-        "data": {"source": str(data), "sequences": len(seqs), "fingerprint": fingerprint},
+        "data": {"source": str(data), "sequences": len(seqs), "fingerprint": fingerprint,
+                 **({"skipped": skipped_summary(ds)} if skipped_summary(ds) else {})},
         # hashes only (no sequences): enough to measure memorisation without shipping the training data
         "training_hashes": sorted({_hash(s) for s in seqs}),
         "metrics": {"history": state["history"]},

@@ -12,6 +12,7 @@ A job spec is a small YAML file (examples in jobs/specs/):
     workers: 2
     gpu: false
     group_column: id-prefix
+    skip_bad: false                     # true: leave out unreadable images/rows/records
 
 `python -m jobs.train SPEC.yaml` runs it on the cluster it is started in (what `ray job submit`
 and KubeRay's RayJob run); `medray submit SPEC.yaml --address http://HEAD:8265` submits that
@@ -37,7 +38,7 @@ SPEC_KEYS = {
     "model": (str, False), "epochs": (int, False), "batch_size": (int, False), "lr": (float, False),
     "workers": (int, False), "gpu": (bool, False), "seed": (int, False), "val_fraction": (float, False),
     "group_column": (str, False), "label_column": (str, False), "max_failures": (int, False),
-    "placement_strategy": (str, False), "runtime_env": (dict, False),
+    "placement_strategy": (str, False), "skip_bad": (bool, False), "runtime_env": (dict, False),
 }
 # Not uploaded with the working_dir (Ray refuses packages over 100 MiB; none of these are code).
 EXCLUDES = [".venv", ".git", ".medray-demo", "runs", "bundles", "**/__pycache__", "*.egg-info", "benchmarks/results"]

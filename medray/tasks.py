@@ -13,14 +13,15 @@ from importlib import resources
 import numpy as np
 import yaml
 
-from medray.data.dataset import Dataset
+from medray.data.dataset import BadItemsError, Dataset
 from medray.data.exercise import read_exercise
 from medray.data.genomic import read_genomic
 from medray.data.ultrasound import read_ultrasound
 from medray.errors import MedrayError
 from medray.preprocessing import ImageNormalizer, SequenceEncoder, StandardScaler
 
-TASKS = ("exercise", "ultrasound", "genomic")
+TASKS = ("exercise", "ultrasound", "genomic")  # classifiers
+SERVED_TASKS = (*TASKS, "genomic-gan")  # what a bundle can be, and what serving deploys
 
 
 def load_preset(task: str, model: str | None = None) -> dict:
@@ -36,12 +37,18 @@ def load_preset(task: str, model: str | None = None) -> dict:
     return preset
 
 
-def read_training_data(task: str, path: str, *, preset: dict, label_column=None, exclude=()) -> Dataset:
-    if task == "exercise":
-        return read_exercise(path, label_column=label_column, exclude=tuple(exclude))
-    if task == "ultrasound":
-        return read_ultrasound(path, size=preset["preprocessing"].get("size", 128))
-    return read_genomic(path)
+def read_training_data(task: str, path: str, *, preset: dict, label_column=None, exclude=(),
+                       skip_bad: bool = False) -> Dataset:
+    """Training data. Unreadable items (images, rows, records) fail naming them, with a hint
+    about `--skip-bad`; with `skip_bad` they are dropped and listed in `meta["skipped"]`."""
+    try:
+        if task == "exercise":
+            return read_exercise(path, label_column=label_column, exclude=tuple(exclude), skip_bad=skip_bad)
+        if task == "ultrasound":
+            return read_ultrasound(path, size=preset["preprocessing"].get("size", 128), skip_bad=skip_bad)
+        return read_genomic(path, skip_bad=skip_bad)
+    except BadItemsError as e:
+        raise e.with_skip_hint() from None
 
 
 def fit_preprocessor(task: str, train: Dataset, preset: dict):

@@ -10,11 +10,13 @@ Re-running with the same run name and storage path resumes from the latest check
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from medray.errors import DataError, MedrayError
 from medray.metrics import classification_metrics
 from medray.models import build_model
 from medray.split import resolve_groups, split_indices
+from medray.data.dataset import skipped_summary, skipped_warning
 from medray.data.location import localize
 from medray.tasks import encode_labels, fit_preprocessor, load_preset, read_training_data
 
@@ -77,7 +80,9 @@ def train_loop_per_worker(config: dict):
     total_steps = config["epochs"] * config["steps_per_epoch"]
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps) if total_steps > 1 else None
 
-    start_epoch, history = 1, []
+    # attempt: 1 for a fresh run, +1 every time the loop starts again from a checkpoint (a restarted
+    # worker group, or a new run of the same name); the first epoch after a restart records where from.
+    start_epoch, history, attempt, resumed_from = 1, [], 1, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -90,6 +95,7 @@ def train_loop_per_worker(config: dict):
             for _ in range(min(state["epoch"] * config["steps_per_epoch"], total_steps - 1)):
                 scheduler.step()
         start_epoch, history = state["epoch"] + 1, state["history"]
+        attempt, resumed_from = state.get("attempt", 1) + 1, state["epoch"]
         if rank == 0:
             print(f"[medray] resuming from checkpoint at epoch {state['epoch']}", flush=True)
 
@@ -153,12 +159,14 @@ def train_loop_per_worker(config: dict):
             "val_rows": int(len(y_all)),
             "world_size": world,
             "seconds": round(time.time() - t0, 2),
+            "attempt": attempt,
+            "resumed_from_epoch": resumed_from if epoch == start_epoch else None,
         }
         history.append(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                torch.save({
+                write_checkpoint_files(tmp, {
                     "epoch": epoch,
                     "model": _unwrap(model).state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -166,8 +174,8 @@ def train_loop_per_worker(config: dict):
                     "total_steps": total_steps,
                     "history": history,
                     "val_metrics": val,
-                }, Path(tmp) / STATE)
-                Path(tmp, CHECKPOINT_META).write_text(json.dumps({"epoch": epoch, "fingerprint": config["fingerprint"]}))
+                    "attempt": attempt,
+                }, {"epoch": epoch, "fingerprint": config["fingerprint"]})
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
                 print(f"[medray] epoch {epoch}/{config['epochs']}  loss {train_loss:.4f}  "
                       f"val_loss {metrics['val_loss']:.4f}  val_acc {_fmt(metrics['val_accuracy'])}  "
@@ -180,6 +188,20 @@ def _fmt(v):
     return "-" if v is None else f"{v:.3f}"
 
 
+def write_checkpoint_files(directory, state: dict, meta: dict) -> None:
+    """state.pt, then checkpoint.json recording its size and sha256 (see `_verified_checkpoint_meta`).
+
+    Ray Train copies the directory to storage file by file, in no set order, and lists a checkpoint
+    in its run snapshot (what `ray.train.get_checkpoint()` hands back on resume) only after the copy
+    finished; a copy cut short leaves a `checkpoint_*` folder that Ray ignores but that a glob sees."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    Path(directory, STATE).write_bytes(data)
+    meta = dict(meta, state_bytes=len(data), state_sha256=hashlib.sha256(data).hexdigest())
+    Path(directory, CHECKPOINT_META).write_text(json.dumps(meta))
+
+
 # ----------------------------------------------------------------------------- driver side
 def _fingerprint(x: np.ndarray, y: np.ndarray, extra: dict) -> str:
     h = hashlib.sha256()
@@ -189,16 +211,46 @@ def _fingerprint(x: np.ndarray, y: np.ndarray, extra: dict) -> str:
     return h.hexdigest()
 
 
+def _verified_checkpoint_meta(ckpt_dir: Path) -> dict | None:
+    """checkpoint.json of a complete checkpoint folder; None for a partial or damaged one (no or
+    unreadable checkpoint.json, no state.pt, state.pt of another size or hash than recorded).
+    Checkpoints written before sizes were recorded (and the GAN's) pass when state.pt is a whole
+    zip archive (what torch.save writes; a truncated one loses its end-of-archive record)."""
+    try:
+        meta = json.loads((ckpt_dir / CHECKPOINT_META).read_text())
+        state = ckpt_dir / STATE
+        if not isinstance(meta, dict) or not isinstance(meta.get("epoch"), int) or not state.is_file():
+            return None
+        if "state_bytes" not in meta:
+            return meta if zipfile.is_zipfile(state) else None
+        if state.stat().st_size != meta["state_bytes"]:
+            return None
+        h = hashlib.sha256()
+        with open(state, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return meta if h.hexdigest() == meta.get("state_sha256") else None
+    except (OSError, ValueError):
+        return None
+
+
 def _latest_local_checkpoint(run_dir: Path) -> dict | None:
+    """checkpoint.json of the newest complete checkpoint under `run_dir` (partial ones skipped)."""
     if not run_dir.is_dir():
         return None
     metas = []
     for meta in run_dir.glob("checkpoint_*/" + CHECKPOINT_META):
         try:
-            metas.append(json.loads(meta.read_text()))
-        except (OSError, json.JSONDecodeError):
+            epoch = json.loads(meta.read_text())["epoch"]
+        except (OSError, ValueError, KeyError, TypeError):
             continue
-    return max(metas, key=lambda m: m["epoch"]) if metas else None
+        if isinstance(epoch, int):
+            metas.append((epoch, meta.parent))
+    for _, ckpt_dir in sorted(metas, key=lambda m: m[0], reverse=True):  # hash only until one passes
+        verified = _verified_checkpoint_meta(ckpt_dir)
+        if verified is not None:
+            return verified
+    return None
 
 
 def resolve_run_storage(storage: str | None, name: str, fingerprint: str, epochs: int, log=print) -> str:
@@ -260,9 +312,13 @@ def train(
     max_failures: int = 2,
     address: str | None = None,
     placement_strategy: str = "PACK",
+    skip_bad: bool = False,
     log=print,
 ) -> dict:
-    """Train one model as a Ray Train job and write its bundle to `out`. Returns bundle.json."""
+    """Train one model as a Ray Train job and write its bundle to `out`. Returns bundle.json.
+
+    Unreadable images, malformed rows and bad sequences in `data` fail before training, naming
+    them; with `skip_bad` they are left out, logged, and counted in the bundle's `data.skipped`."""
     preset = load_preset(task, model)
     recipe = dict(preset["train"])
     recipe.update({k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None})
@@ -271,7 +327,10 @@ def train(
 
     exclude = (group_column,) if group_column and ":" not in group_column else ()
     data = localize(data)
-    ds = read_training_data(task, data, preset=preset, label_column=label_column, exclude=exclude)
+    ds = read_training_data(task, data, preset=preset, label_column=label_column, exclude=exclude,
+                            skip_bad=skip_bad)
+    if skipped_warning(ds):
+        log(f"[medray] {skipped_warning(ds)}")
     if ds.labels is None:
         raise DataError(f"{data}: no labels found")
     labels = sorted(set(ds.labels.tolist()))
@@ -347,7 +406,8 @@ def train(
         "data": {"source": str(data), "rows": len(ds), "train_rows": int(len(y_tr)), "val_rows": int(len(y_va)),
                  "class_counts_train": dict(zip(labels, counts.tolist())),
                  "split": {"val_fraction": val_fraction, "group_column": group_column, "seed": seed},
-                 "fingerprint": fingerprint},
+                 "fingerprint": fingerprint,
+                 **({"skipped": skipped_summary(ds)} if skipped_summary(ds) else {})},
         "metrics": {"validation": state["val_metrics"], "history": state["history"]},
     }
     path = write_bundle(out, state["model"], meta)

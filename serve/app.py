@@ -33,12 +33,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medray import __version__
 from medray.bundle import META, load_bundle
 from medray.errors import MedrayError
+from medray.tasks import SERVED_TASKS
 from serve.inputs import (
     Limits,
     RequestError,
@@ -49,10 +51,11 @@ from serve.inputs import (
     parse_sequences,
     prediction_objects,
 )
+from serve.security import PUBLIC_PATHS, SecurityConfig, SecurityMiddleware, note
 
 logger = logging.getLogger("ray.serve")
 
-MODEL_TASKS = ("exercise", "ultrasound", "genomic", "genomic-gan")
+MODEL_TASKS = SERVED_TASKS
 BATCH_HEADER = "X-Medray-Batch-Size"  # instances in the forward pass that served this request
 RETRY_AFTER_S = 1
 # Image requests with this many images skip batching in the ingress: they fill a forward pass on
@@ -132,11 +135,7 @@ class ModelServer:
         counts = [len(x) for x in batch]
         joined = _concat(batch)
         probs = await asyncio.get_running_loop().run_in_executor(self._pool, self.bundle.predict, joined)
-        out, start = [], 0
-        for n in counts:
-            out.append((probs[start : start + n], len(joined)))
-            start += n
-        return out
+        return _split(probs, counts, len(joined))
 
 
 def _undo_worker_niceness() -> None:
@@ -158,6 +157,65 @@ def _concat(items: list):
     if isinstance(items[0], np.ndarray):
         return items[0] if len(items) == 1 else np.concatenate(items)
     return [s for x in items for s in x]
+
+
+def _split(probs: np.ndarray, counts: list[int], batch: int) -> list[tuple[np.ndarray, int]]:
+    """Back per request: `probs` of the `_concat` of requests with `counts` instances each, as
+    (that request's rows, instances in the forward pass) pairs."""
+    out, start = [], 0
+    for n in counts:
+        out.append((probs[start : start + n], batch))
+        start += n
+    return out
+
+
+# --------------------------------------------------------------------------- replica failures
+# A model replica that dies (crash, OOM kill, node loss) fails the handle calls it was serving;
+# Serve replaces it (the deployment's replica count) and stops routing to it, and the router
+# itself re-routes calls that the dead replica never accepted. Calls it had accepted fail: on
+# Ray 2.58 with gRPC between deployments (throughput mode) as ActorUnavailableError ("Actor is
+# unavailable", the gRPC channel dropped), otherwise as ActorDiedError, possibly wrapped in a
+# RayTaskError. Predictions are idempotent, so the ingress sends such a call again, after a short
+# pause that lets the router learn the replica is gone; after the last retry the client gets
+# 503 model_unavailable with Retry-After (never a 500).
+
+REPLICA_RETRY_BACKOFF_S = (0.05, 0.5)  # pause before each retry; len() = retries
+
+
+class ReplicaUnreachable(Exception):
+    """A model's handle call failed on dead or unreachable replicas on every attempt."""
+
+    def __init__(self, task: str, cause: BaseException):
+        super().__init__(f"the {task} model's replicas could not be reached "
+                         f"({type(cause).__name__}: {str(cause).splitlines()[0][:200] if str(cause) else ''})")
+
+
+def _replica_gone(e: BaseException) -> bool:
+    """Did the call fail because the replica serving it died or was unreachable (not because the
+    model raised)? Such a call never produced a result, so sending it again is safe."""
+    import grpc
+
+    if isinstance(e, RayTaskError):  # a wrapped actor death; a model's own exception is not retried
+        return isinstance(getattr(e, "cause", None), RayActorError)
+    return isinstance(e, (RayActorError, ReplicaUnavailableError, grpc.aio.AioRpcError))
+
+
+async def _call_model(handle, task: str, inputs):
+    """`handle.predict.remote(inputs)`, sent again (REPLICA_RETRY_BACKOFF_S) when the replica that
+    had it died; ReplicaUnreachable when every attempt did."""
+    for attempt in range(len(REPLICA_RETRY_BACKOFF_S) + 1):
+        try:
+            return await handle.predict.remote(inputs)
+        except Exception as e:
+            if not _replica_gone(e):
+                raise
+            if attempt == len(REPLICA_RETRY_BACKOFF_S):
+                logger.error("%s: handle call failed on a dead replica %d times (%s); answering 503",
+                             task, attempt + 1, type(e).__name__)
+                raise ReplicaUnreachable(task, e) from None
+            logger.warning("%s: handle call failed because its replica is gone (%s: %s); retry %d",
+                           task, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "", attempt + 1)
+            await asyncio.sleep(REPLICA_RETRY_BACKOFF_S[attempt])
 
 
 @serve.deployment(
@@ -250,15 +308,36 @@ def _body(content: dict[str, type[BaseModel] | dict]) -> dict:
     return {"requestBody": {"required": True, "content": out}}
 
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 422, 503)}
 _PREDICT = dict(response_model=PredictResponse, responses=_ERRORS)
 
 api = FastAPI(
     title="medray",
     version=__version__,
     description="Predictions from medray model bundles (exercise motion, ultrasound images, genomic DNA). "
-    "Errors are JSON `{\"error\": code, \"detail\": message}` with a 4xx status (503 when overloaded).",
+    "Errors are JSON `{\"error\": code, \"detail\": message}` with a 4xx status (503 when overloaded). "
+    "Every route but /healthz and /readyz needs `Authorization: Bearer TOKEN` (401 without a valid token, "
+    "403 for a token not allowed that model).",
 )
+api.add_middleware(SecurityMiddleware)  # auth, CORS, request id, audit log: serve/security.py
+
+
+def _openapi() -> dict:
+    """The OpenAPI document, with the bearer-token scheme every route but the probes requires."""
+    if api.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        doc = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        doc.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        doc["security"] = [{"bearer": []}]
+        for path in PUBLIC_PATHS:
+            for op in doc["paths"].get(path, {}).values():
+                op["security"] = []
+        api.openapi_schema = doc
+    return api.openapi_schema
+
+
+api.openapi = _openapi
 
 
 def _json(payload, status: int = 200, headers: dict | None = None) -> Response:
@@ -271,6 +350,7 @@ def _error(status: int, code: str, detail: str, headers: dict | None = None) -> 
 
 @api.exception_handler(RequestError)
 async def _request_error(request: Request, e: RequestError):
+    note(request, outcome=e.code)
     return _error(e.status, e.code, e.detail)
 
 
@@ -305,6 +385,11 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _audit(request: Request, info: dict, instances: int) -> None:
+    """What the audit line records about a prediction: the model and how many instances, no content."""
+    note(request, model=info["task"], model_name=info["name"], model_version=info["version"], instances=instances)
+
+
 def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
@@ -316,10 +401,11 @@ def media_type(request: Request) -> str:
 )
 @serve.ingress(api)
 class Gateway:
-    def __init__(self, models: dict, limits: dict | None = None):
+    def __init__(self, models: dict, limits: dict | None = None, security: dict | None = None):
         _undo_worker_niceness()
         self.models = dict(models)
         self.limits = Limits.from_dict(limits)
+        api.state.security = SecurityConfig.from_args(**(security or {}))  # read by SecurityMiddleware
         self._info: dict[str, dict] = {}
 
     # ---- model metadata (fetched from the replicas, so it is what they actually loaded)
@@ -361,19 +447,13 @@ class Gateway:
         return await self._forward("genomic", items)
 
     async def _forward(self, task: str, items: list) -> list:
-        counts = [len(x) for x in items]
-        joined = _concat(items)
-        probs, batch = await self.models[task].predict.remote(joined)
-        out, start = [], 0
-        for n in counts:
-            out.append((probs[start : start + n], batch))
-            start += n
-        return out
+        probs, batch = await _call_model(self.models[task], task, _concat(items))
+        return _split(probs, [len(x) for x in items], batch)
 
     async def _predict(self, task: str, info: dict, inputs) -> Response:
         try:
             if task == "ultrasound" and len(inputs) >= DIRECT_CALL_IMAGES:  # its own call, to any replica
-                probs, batch = await self.models[task].predict.remote(inputs)
+                probs, batch = await _call_model(self.models[task], task, inputs)
             else:
                 probs, batch = await getattr(self, f"_batch_{task}")(inputs)
         except BackPressureError:
@@ -381,6 +461,10 @@ class Gateway:
                           {"Retry-After": str(RETRY_AFTER_S)})
         except ModelUnavailable as e:
             raise RequestError(503, "model_unavailable", str(e)) from None
+        except (ReplicaUnreachable, DeploymentUnavailableError) as e:  # replicas died or never deployed
+            detail = str(e) if isinstance(e, ReplicaUnreachable) else f"the {task} model is not deployed: {e.message}"
+            return _error(503, "model_unavailable", f"{detail}; retry after {RETRY_AFTER_S}s",
+                          {"Retry-After": str(RETRY_AFTER_S)})
         payload = {"predictions": prediction_objects(probs, info["labels"]),
                    "model": {"name": info["name"], "version": info["version"]}}
         return _json(payload, headers={BATCH_HEADER: str(batch)})
@@ -413,6 +497,7 @@ class Gateway:
             raise RequestError(415, "unsupported_media_type", "send application/json: {\"instances\": [[…], …]}")
         body = await read_body(request, self.limits.max_body_bytes)
         x = parse_features(body, info["input"]["feature_names"], self.limits)
+        _audit(request, info, len(x))
         return await self._predict("exercise", info, x)
 
     @api.post("/v1/genomic/predict", summary="class of DNA sequences (JSON list or FASTA body)",
@@ -426,6 +511,7 @@ class Gateway:
                                "{\"sequences\": […]} or a FASTA body as text/x-fasta")
         body = await read_body(request, self.limits.max_body_bytes)
         _, seqs = parse_sequences(body, mt, self.limits)
+        _audit(request, info, len(seqs))
         return await self._predict("genomic", info, seqs)
 
     @api.post("/v1/ultrasound/predict", summary="class of ultrasound images (multipart files or base64 JSON)",
@@ -449,6 +535,7 @@ class Gateway:
             raise RequestError(415, "unsupported_media_type", f"{mt!r}: send multipart/form-data files, "
                                "application/json {\"images\": [base64…]}, or one image/png|image/jpeg body")
         images = decode_images(files, info["input"]["size"][0], self.limits)
+        _audit(request, info, len(images))
         return await self._predict("ultrasound", info, images)
 
     @api.post("/v1/genomic/generate", summary="DNA sequences sampled from the genomic GAN (JSON or FASTA)",
@@ -458,6 +545,7 @@ class Gateway:
         info = await self._ready_model("genomic-gan")
         body = await read_body(request, self.limits.max_body_bytes)
         n, label, seed = parse_generate(body, info["labels"], bool(info["input"].get("conditional")), self.limits)
+        _audit(request, info, n)
         try:
             seqs, labels = await self.models["genomic-gan"].generate.remote(n, label, seed)
         except BackPressureError:
@@ -500,9 +588,14 @@ def bundle_task(path: str) -> str:
 
 def build_app(args: dict):
     """Serve application builder (`import_path: serve.app:build_app`; Serve passes the config's
-    `args`): `bundles: {task: BUNDLE_DIR}` (tasks: exercise, ultrasound, genomic, genomic-gan) and
-    optional `limits: {max_body_bytes, max_instances, max_sequence_length, max_image_pixels}`.
-    Under `serve run`/`serve deploy` the config's `deployments:` settings apply on top."""
+    `args`):
+      bundles: {task: BUNDLE_DIR}                 tasks: exercise, ultrasound, genomic, genomic-gan
+      limits: {max_body_bytes, max_instances, max_sequence_length, max_image_pixels}   (optional)
+      auth: {tokens_file: PATH} | {enabled: false}   bearer tokens (on by default; serve/security.py)
+      cors_origins: [ORIGIN, …]                   browser origins allowed to call (default: none)
+      audit_log: PATH                             audit lines (default: the ingress replica's stderr)
+    Relative paths are taken from the directory the builder runs in. Under `serve run`/`serve deploy`
+    the config's `deployments:` settings apply on top."""
     return build(args)
 
 
@@ -516,13 +609,26 @@ def build(args: dict | None = None, deployment_options: dict[str, dict] | None =
     unknown = set(bundles) - set(MODEL_TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)} in args.bundles (known: {', '.join(MODEL_TASKS)})")
+    unknown = set(args) - {"bundles", "limits", "auth", "cors_origins", "audit_log"}
+    if unknown:
+        raise ValueError(f"unknown application arg(s) {sorted(unknown)} (known: bundles, limits, auth, "
+                         "cors_origins, audit_log)")
     Limits.from_dict(args.get("limits"))  # fail at build time, not in the replica
+    security = {"auth": dict(args.get("auth") or {}), "cors_origins": list(args.get("cors_origins") or []),
+                "audit_log": _absolute(args.get("audit_log"))}
+    if security["auth"].get("tokens_file"):
+        security["auth"]["tokens_file"] = _absolute(security["auth"]["tokens_file"])
+    SecurityConfig.from_args(**security, configure_log=False)  # a missing tokens file fails here, not later
     opts = deployment_options or {}
     models = {}
     for task, path in bundles.items():
         cls = GeneratorServer if task == "genomic-gan" else ModelServer
-        models[task] = cls.options(name=task, **opts.get(task, {})).bind(str(Path(path).expanduser().absolute()))
-    return Gateway.options(name="ingress", **opts.get("ingress", {})).bind(models, args.get("limits"))
+        models[task] = cls.options(name=task, **opts.get(task, {})).bind(_absolute(path))
+    return Gateway.options(name="ingress", **opts.get("ingress", {})).bind(models, args.get("limits"), security)
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).expanduser().absolute())
 
 
 def default_config() -> dict:

@@ -46,12 +46,23 @@ def bundles_by_task(bundle_dirs: list[str]) -> dict[str, str]:
 
 
 def start(bundles: dict[str, str], host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
-          throughput_optimized: bool = True, config: dict | None = None, name: str = "medray") -> str:
-    """Deploy the application and wait until every model is loaded; returns its base URL."""
+          throughput_optimized: bool = True, config: dict | None = None, name: str = "medray",
+          tokens_file: str | None = None, no_auth: bool = False, audit_log: str | None = None) -> str:
+    """Deploy the application and wait until every model is loaded; returns its base URL.
+    `config` (default serve/config.yaml) gives the deployment settings and the app args (limits,
+    auth, cors_origins, audit_log); `tokens_file`, `no_auth` and `audit_log` override those."""
     from serve.app import build, config_deployment_options, default_config, wait_ready
 
     config = config or default_config()
-    limits = config["applications"][0].get("args", {}).get("limits")
+    args = dict(config["applications"][0].get("args") or {}, bundles=bundles)
+    if no_auth:
+        print("[medray] WARNING: authentication is off (--no-auth): anyone who can reach the port can call every "
+              "model. For local development only.", file=sys.stderr)
+        args["auth"] = {"enabled": False}
+    elif tokens_file:
+        args["auth"] = {"tokens_file": tokens_file}
+    if audit_log:
+        args["audit_log"] = audit_log
     proxy_port = port
     local = not (address or os.environ.get("RAY_ADDRESS"))
     if throughput_optimized and local:
@@ -72,7 +83,7 @@ def start(bundles: dict[str, str], host: str = "127.0.0.1", port: int = 8000, ad
     options = config_deployment_options(config)
     if proxy_port != port:  # direct ingress: one ingress replica owns the port
         options["ingress"] = dict(options.get("ingress", {}), num_replicas=1, autoscaling_config=None)
-    app = build({"bundles": bundles, "limits": limits}, options)
+    app = build(args, options)
     serve.run(app, name=name, route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
     wait_ready(url)
@@ -80,9 +91,21 @@ def start(bundles: dict[str, str], host: str = "127.0.0.1", port: int = 8000, ad
 
 
 def serve_bundles(bundle_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
-                  throughput_optimized: bool = True) -> None:
+                  throughput_optimized: bool = True, config_path: str | None = None, tokens_file: str | None = None,
+                  no_auth: bool = False, audit_log: str | None = None) -> None:
     bundles = bundles_by_task(bundle_dirs)
-    url = start(bundles, host, port, address, throughput_optimized)
+    config = None
+    if config_path:
+        import yaml
+
+        try:
+            config = yaml.safe_load(Path(config_path).read_text())
+            config["applications"][0]
+        except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError) as e:
+            raise MedrayError(f"{config_path}: not a Serve config with an application ({type(e).__name__}: {e})") \
+                from None
+    url = start(bundles, host, port, address, throughput_optimized, config=config, tokens_file=tokens_file,
+                no_auth=no_auth, audit_log=audit_log)
     print(f"[medray] serving {', '.join(bundles)} at {url}  (API docs: {url}/docs; Ctrl-C stops)", file=sys.stderr)
     try:
         while True:

@@ -116,7 +116,7 @@ def test_submitted_job_trains_on_both_nodes_and_writes_its_bundle(cluster, submi
 
 def test_rayservice_serve_config_deploys_on_the_cluster_and_predicts(cluster, submitted, tmp_path):
     """The serveConfigV2 of the rendered RayService (k8s/), deployed with `serve deploy`: only the
-    bundle paths and the address it listens on are changed for this machine."""
+    bundle paths, the address it listens on and the tokens file are changed for this machine."""
     import shutil
 
     import httpx
@@ -134,6 +134,10 @@ def test_rayservice_serve_config_deploys_on_the_cluster_and_predicts(cluster, su
     config["proxy_location"] = "HeadOnly"  # both nodes share this machine (and so the port)
     app = config["applications"][0]
     app["args"]["bundles"] = {"genomic": str(tmp / "bundle")}  # the bundle the job above wrote
+    assert app["args"]["auth"] == {"tokens_file": "/etc/medray/tokens"}  # the mounted Secret
+    token = "cluster-test-token-" + "t" * 16
+    (tmp_path / "tokens").write_text(token + "\n")
+    app["args"]["auth"] = {"tokens_file": str(tmp_path / "tokens")}
     app["deployments"] = [d for d in app["deployments"] if d["name"] in ("ingress", "genomic")]
     config_file = tmp_path / "serve-config.yaml"
     config_file.write_text(yaml.safe_dump(config))
@@ -143,7 +147,9 @@ def test_rayservice_serve_config_deploys_on_the_cluster_and_predicts(cluster, su
     assert r.returncode == 0, r.stderr[-2000:]
     url = f"http://127.0.0.1:{port}"
     _wait(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, 180, "deployed application")
-    answer = httpx.post(f"{url}/v1/genomic/predict", json={"sequences": ["ACGT" * 15]}, timeout=30)
+    seq = {"sequences": ["ACGT" * 15]}
+    assert httpx.post(f"{url}/v1/genomic/predict", json=seq, timeout=30).status_code == 401
+    answer = httpx.post(f"{url}/v1/genomic/predict", json=seq, timeout=30, headers={"Authorization": f"Bearer {token}"})
     assert answer.status_code == 200 and len(answer.json()["predictions"]) == 1, answer.text
     subprocess.run([serve_cli, "shutdown", "--address", cluster, "-y"], capture_output=True, env=_env(), timeout=120)
 

@@ -210,7 +210,7 @@ def test_generated_files_are_current():
     assert render_script.main(["--check"]) == 0
 
 
-def test_k8s_serve_config_is_serve_config_yaml_with_only_paths_host_and_gpus_changed():
+def test_k8s_serve_config_is_serve_config_yaml_with_only_paths_host_tokens_and_gpus_changed():
     source = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
     k8s = render_script.k8s_serve_config(source, gpus_per_model_replica=0.5)
     app, src_app = k8s["applications"][0], source["applications"][0]
@@ -226,6 +226,8 @@ def test_k8s_serve_config_is_serve_config_yaml_with_only_paths_host_and_gpus_cha
     undone = copy.deepcopy(k8s)
     undone["http_options"]["host"] = source["http_options"]["host"]
     undone["applications"][0]["args"]["bundles"] = src_app["args"]["bundles"]
+    assert app["args"]["auth"] == {"tokens_file": "/etc/medray/tokens"}  # on, from the mounted Secret
+    undone["applications"][0]["args"]["auth"] = src_app["args"]["auth"]
     src_deployments = {d["name"]: d for d in src_app["deployments"]}
     for d in undone["applications"][0]["deployments"]:
         options, src_options = d.get("ray_actor_options", {}), src_deployments[d["name"]].get("ray_actor_options", {})
@@ -619,6 +621,11 @@ def test_rayservice_upgrade_readiness_env_and_tokens(layout):
         (secret,) = secrets
         text = base64.b64decode(secret["data"]["tokens"]).decode()
         assert "placeholder" in text.lower()
+        from serve.security import parse_tokens
+
+        assert len(parse_tokens(text)) == 1  # the application starts with it (dev clusters only)
+    auth = serve_config_of(layout)["applications"][0]["args"]["auth"]
+    assert auth == {"tokens_file": "/etc/medray/tokens"}, "the application must read the mounted Secret"
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -217,3 +217,129 @@ def test_data_uris_are_copied_once_to_a_local_cache(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="no such file"):
         location.localize(f"file://{tmp_path / 'missing.csv'}")
     assert not list((tmp_path / "cache").glob("*/.partial-*"))
+
+
+# ----------------------------------------------------------------------------- bad items: name them all, or skip them
+def _png_bytes(seed: int, size: int = 24) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _image_folder(root):
+    for k, cls in enumerate(["benign", "normal"]):
+        (root / cls).mkdir()
+        for j in range(3):
+            (root / cls / f"ok{j}.png").write_bytes(_png_bytes(10 * k + j))
+    (root / "benign" / "notes.png").write_bytes(b"this is not an image")
+    (root / "normal" / "cut.png").write_bytes(_png_bytes(99)[:80])
+    return root
+
+
+def test_ultrasound_bad_images_are_all_named_or_skipped(tmp_path):
+    from medray.tasks import read_training_data
+
+    root = _image_folder(tmp_path)
+    with pytest.raises(DataError, match=r"2 unreadable images: benign/notes\.png: not an image file \(.*\); "
+                                        r"normal/cut\.png: corrupt or truncated image") as e:
+        read_ultrasound(str(root), size=16)
+    assert "--skip-bad" not in str(e.value)  # the readers serve inference too: the hint is training's
+    with pytest.raises(DataError, match=r"cut\.png: corrupt.*; pass --skip-bad to train on the rest$"):
+        read_training_data("ultrasound", str(root), preset={"preprocessing": {"size": 16}})
+
+    ds = read_ultrasound(str(root), size=16, skip_bad=True)
+    assert len(ds) == 6 and ds.inputs.shape == (6, 16, 16) and "notes.png" not in " ".join(ds.ids)
+    assert list(ds.labels) == ["benign"] * 3 + ["normal"] * 3 and len(ds.table) == 6
+    assert len(ds.meta["skipped"]) == 2 and ds.meta["skipped"][0].startswith("benign/notes.png: not an image")
+    from medray.data.dataset import skipped_summary, skipped_warning
+
+    assert skipped_summary(ds) == {"count": 2, "examples": ds.meta["skipped"]}
+    assert "skipped 2 unreadable images: benign/notes.png" in skipped_warning(ds)
+
+
+def test_ultrasound_manifest_missing_file_and_label(tmp_path):
+    root = _image_folder(tmp_path)
+    (root / "m.csv").write_text("path,label\nbenign/ok0.png,benign\nbenign/gone.png,benign\n"
+                                "normal/ok0.png,\nnormal/ok1.png,normal\n")
+    with pytest.raises(DataError, match=r"m\.csv: 2 unreadable images: line 3: .*benign/gone\.png: no such image "
+                                        r"file; line 4: missing label"):
+        read_ultrasound(str(root / "m.csv"), size=16)
+    ds = read_ultrasound(str(root / "m.csv"), size=16, skip_bad=True)
+    assert ds.ids == ["benign/ok0.png", "normal/ok1.png"] and list(ds.labels) == ["benign", "normal"]
+    assert ds.meta["source_rows"] == [0, 3] and ds.take(np.array([1])).meta["source_rows"] == [3]
+
+
+def test_exercise_malformed_rows_are_all_named_or_skipped(tmp_path):
+    (tmp_path / "t.csv").write_text("a,b,label\n1,2,x\n3,oops,y\n5,6,x\n7,8,\n9,10,y\n")
+    with pytest.raises(DataError, match=r"t\.csv: 2 unreadable rows: line 3, column 'b': non-numeric value 'oops'; "
+                                        r"line 5: missing label in column 'label'"):
+        read_exercise(str(tmp_path / "t.csv"))
+    ds = read_exercise(str(tmp_path / "t.csv"), skip_bad=True)
+    assert ds.inputs.tolist() == [[1, 2], [5, 6], [9, 10]] and list(ds.labels) == ["x", "x", "y"]
+    assert ds.ids == ["0", "2", "4"] and len(ds.table) == 3
+    assert ds.meta["skipped"] == ["line 3, column 'b': non-numeric value 'oops'",
+                                  "line 5: missing label in column 'label'"]
+
+
+def test_many_bad_rows_are_counted_beyond_the_first_five(tmp_path):
+    rows = "".join(f"{i},{'x' if i % 2 else i},y{i % 2}\n" for i in range(20))
+    (tmp_path / "t.csv").write_text("a,b,label\n" + rows)
+    with pytest.raises(DataError, match=r"10 unreadable rows: line 3, .*line 11, column 'b': non-numeric value "
+                                        r"'x'; … \(5 more\)$"):
+        read_exercise(str(tmp_path / "t.csv"))
+    assert len(read_exercise(str(tmp_path / "t.csv"), skip_bad=True)) == 10
+
+
+def test_everything_bad_fails_even_when_skipping(tmp_path):
+    (tmp_path / "t.csv").write_text("a,b,label\n1,2,\n3,4,\n")
+    with pytest.raises(DataError, match=r"t\.csv: all 2 rows are unreadable: line 2: missing label"):
+        read_exercise(str(tmp_path / "t.csv"), skip_bad=True)
+    (tmp_path / "x.fa").write_text(">r1 label=EI\nACGXT\n")
+    with pytest.raises(DataError, match=r"x\.fa: the only record is unreadable: record 1 \(r1\): invalid letter"):
+        read_genomic(str(tmp_path / "x.fa"), skip_bad=True)
+
+
+def test_fasta_bad_records_are_all_named_or_skipped(tmp_path):
+    (tmp_path / "x.fa").write_text(">r1 label=EI\nACGT\n>r2 label=N\nACGXT\n>r3 label=IE\nGGCC\n"
+                                   ">r4 label=N\n\n>r5\nACGT\n")
+    with pytest.raises(DataError, match=r"x\.fa: 3 unreadable records: record 2 \(r2\): invalid letter 'X' at "
+                                        r"position 4.*; record 4 \(r4\): empty sequence; record 5 \(r5\) has no "
+                                        r"'label=' token"):
+        read_genomic(str(tmp_path / "x.fa"))
+    ds = read_genomic(str(tmp_path / "x.fa"), skip_bad=True)
+    assert ds.ids == ["r1", "r3"] and ds.inputs == ["ACGT", "GGCC"] and list(ds.labels) == ["EI", "IE"]
+    assert ds.table["id"].tolist() == ["r1", "r3"] and len(ds.meta["skipped"]) == 3
+
+
+def test_genomic_csv_bad_rows_are_skipped(tmp_path):
+    (tmp_path / "s.csv").write_text("id,sequence,label\na,ACGT,EI\nb,,N\nc,AC-GT,IE\nd,GGCC,N\ne,ACGT,\n")
+    with pytest.raises(DataError, match=r"s\.csv: 3 unreadable rows: line 3: missing sequence; line 4: invalid "
+                                        r"letter '-' at position 3.*; line 6: missing label"):
+        read_genomic(str(tmp_path / "s.csv"))
+    ds = read_genomic(str(tmp_path / "s.csv"), skip_bad=True)
+    assert ds.ids == ["a", "d"] and ds.inputs == ["ACGT", "GGCC"] and list(ds.labels) == ["EI", "N"]
+
+
+def test_cli_train_names_bad_records_before_ray_and_writes_no_bundle(tmp_path, capsys):
+    from medray.cli import main
+
+    (tmp_path / "x.fa").write_text(">r1 label=EI\nACGT\n>r2 label=N\nACGXT\n>r3 label=IE\nAC GT!\n")
+    assert main(["train", "genomic", "--data", str(tmp_path / "x.fa"), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medray: error: ") and "2 unreadable records: record 2 (r2)" in err
+    assert "record 3 (r3)" in err and "pass --skip-bad" in err and "Traceback" not in err
+    assert not (tmp_path / "b").exists()
+    assert main(["train", "genomic", "--data", str(tmp_path / "x.fa"), "--out", str(tmp_path / "b"),
+                 "--skip-bad"]) == 2  # what is left is a single class: a clear error, still before Ray
+    assert "only one class ('EI')" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_job_specs_accept_skip_bad():
+    from medray.errors import MedrayError
+    from medray.jobs import load_spec
+
+    assert load_spec({"task": "genomic", "data": "x.fa", "out": "b", "skip_bad": True})["skip_bad"] is True
+    with pytest.raises(MedrayError, match="'skip_bad' must be bool"):
+        load_spec({"task": "genomic", "data": "x.fa", "out": "b", "skip_bad": "yes"})

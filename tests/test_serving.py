@@ -22,12 +22,22 @@ from conftest import SERVE_PORT, shared
 
 pytestmark = pytest.mark.ray
 
+TOKEN = "test-token-all-models-" + "x" * 16  # may call every model
+GENOMIC_TOKEN = "test-token-genomic-only-" + "y" * 16  # listed with `genomic` only
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TEST_LIMITS = {"max_body_bytes": 1 << 20, "max_instances": 50, "max_sequence_length": 500,
                "max_image_pixels": 1_000_000}
 
 
 @pytest.fixture(scope="module")
-def app(trained, gan):
+def security_files(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("security")
+    (d / "tokens").write_text(f"# test tokens\n{TOKEN}\n{GENOMIC_TOKEN} genomic\n")
+    return {"tokens": d / "tokens", "audit": d / "audit.jsonl"}
+
+
+@pytest.fixture(scope="module")
+def app(trained, gan, security_files):
     from ray import serve
 
     from serve.app import default_config
@@ -37,13 +47,15 @@ def app(trained, gan):
     bundles["genomic-gan"] = str(gan[1])
     config = copy.deepcopy(default_config())
     config["applications"][0]["args"]["limits"] = TEST_LIMITS
+    config["applications"][0]["args"]["auth"] = {"tokens_file": str(security_files["tokens"])}
+    config["applications"][0]["args"]["audit_log"] = str(security_files["audit"])
     for d in config["applications"][0]["deployments"]:
         if d["name"] == "ultrasound":  # short delays so the autoscaling test is bounded in time
             d["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                                        "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2,
                                        "metrics_interval_s": 0.5}
     url = start(bundles, port=SERVE_PORT, config=config)
-    with httpx.Client(base_url=url, timeout=60) as client:
+    with httpx.Client(base_url=url, timeout=60, headers=AUTH) as client:
         yield client, bundles
     serve.shutdown()
 
@@ -168,7 +180,7 @@ def test_concurrent_requests_share_a_forward_pass(app):
     url = str(client.base_url) + "/v1/genomic/predict"
 
     def one(_):
-        with httpx.Client(timeout=30) as c:
+        with httpx.Client(timeout=30, headers=AUTH) as c:
             r = c.post(url, json=seq)
             assert r.status_code == 200
             return int(r.headers["X-Medray-Batch-Size"])
@@ -199,7 +211,7 @@ def test_sustained_load_scales_ultrasound_up_and_back_down(app):
     errors = []
 
     def load():
-        with httpx.Client(timeout=60) as c:
+        with httpx.Client(timeout=60, headers=AUTH) as c:
             while not stop.is_set():
                 r = c.post(url, content=image, headers={"Content-Type": "image/png"})
                 if r.status_code != 200:
@@ -342,3 +354,90 @@ def test_build_app_refuses_unknown_tasks_and_bad_limits():
         build_app({"bundles": {"genomic": "x"}, "limits": {"max_bodies": 1}})
     with pytest.raises(ValueError, match="bundles"):
         build_app({})
+
+
+# --------------------------------------------------------------------------- security
+
+
+def test_every_route_but_the_probes_needs_a_valid_token(app):
+    client, _ = app
+    base = str(client.base_url)
+    routes = [("POST", "/v1/exercise/predict"), ("POST", "/v1/ultrasound/predict"), ("POST", "/v1/genomic/predict"),
+              ("POST", "/v1/genomic/generate"), ("GET", "/v1/models"), ("GET", "/openapi.json"), ("GET", "/docs"),
+              ("GET", "/v1/nope")]
+    with httpx.Client(base_url=base, timeout=30) as anon:
+        for headers in ({}, {"Authorization": "Bearer wrong-token-of-enough-length"}, {"Authorization": TOKEN},
+                        {"Authorization": f"Basic {TOKEN}"}):
+            for method, path in routes:
+                r = anon.request(method, path, headers=headers, json={"sequences": ["ACGT"]})
+                assert r.status_code == 401, (headers, path, r.status_code)
+                assert r.json()["error"] == "unauthenticated" and r.headers["www-authenticate"].startswith("Bearer")
+        assert anon.get("/healthz").status_code == 200 and anon.get("/readyz").status_code == 200
+        limited = {"Authorization": f"Bearer {GENOMIC_TOKEN}"}
+        seq = {"sequences": ["ACGT" * 15]}
+        assert anon.post("/v1/genomic/predict", json=seq, headers=limited).status_code == 200
+        assert anon.get("/v1/models", headers=limited).status_code == 200
+        for path, body in (("/v1/exercise/predict", {"instances": [[0.0]]}), ("/v1/genomic/generate", {"n": 1})):
+            r = anon.post(path, json=body, headers=limited)
+            assert r.status_code == 403 and r.json()["error"] == "forbidden", r.text
+    spec = client.get("/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert spec["paths"]["/healthz"]["get"]["security"] == []
+
+
+def test_audit_log_records_each_call_and_no_patient_data_reaches_any_log(app, security_files):
+    import ray
+
+    from serve.security import token_id
+
+    client, _ = app
+    canary_seq = "ACGTTGCAACGTTGCAGATTACAGATTACA" * 2  # a sequence that appears nowhere else
+    r = client.post("/v1/genomic/predict", json={"sequences": [canary_seq, canary_seq]},
+                    headers={"X-Request-Id": "audit-check-1"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "audit-check-1"
+    n_features = len(client.get("/v1/models").json()["models"]["exercise"]["input"]["feature_names"])
+    bad = client.post("/v1/exercise/predict", json={"instances": [[31415.926] * (n_features - 1)]})
+    assert bad.status_code == 422
+    with httpx.Client(base_url=str(client.base_url), timeout=30) as anon:
+        assert anon.post("/v1/genomic/predict", json={"sequences": [canary_seq]}).status_code == 401
+    time.sleep(0.5)
+    lines = [__import__("json").loads(x) for x in security_files["audit"].read_text().splitlines()]
+    ok = next(x for x in lines if x["request_id"] == "audit-check-1")
+    assert ok["caller"] == token_id(TOKEN) and ok["model"] == "genomic" and ok["instances"] == 2
+    assert ok["status"] == 200 and ok["outcome"] == "ok" and ok["latency_ms"] > 0
+    assert ok["model_version"] == client.get("/v1/models").json()["models"]["genomic"]["version"]
+    assert {"time", "route", "model_name"} <= set(ok)
+    assert any(x["status"] == 422 and x["outcome"] == "invalid_input" and x["model"] == "exercise" for x in lines)
+    assert any(x["status"] == 401 and x["outcome"] == "unauthenticated" and x["caller"] is None for x in lines)
+    assert all(TOKEN not in str(x) for x in lines)  # identities, never the tokens
+    # request content never reaches the audit log, nor any log Ray keeps for this session
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    files = [security_files["audit"], *[p for p in logs.rglob("*") if p.is_file()]]
+    for canary in (canary_seq.encode(), b"31415.926"):
+        leaked = [str(p) for p in files if canary in p.read_bytes()]
+        assert not leaked, f"request content found in {leaked}"
+
+
+def test_cors_is_closed_by_default(app):
+    client, _ = app
+    evil = {"Origin": "https://evil.example"}
+    r = client.get("/v1/models", headers=evil)
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    pre = client.options("/v1/genomic/predict", headers={**evil, "Access-Control-Request-Method": "POST"})
+    assert pre.status_code == 403 and "access-control-allow-origin" not in pre.headers
+
+
+def test_a_rotated_tokens_file_takes_effect_without_a_restart(app, security_files):
+    client, _ = app
+    new = "rotated-token-" + "z" * 20
+    path = security_files["tokens"]
+    original = path.read_text()
+    path.write_text(original + f"{new} exercise genomic\n")
+    try:
+        deadline, status = time.time() + 20, None
+        while time.time() < deadline and status != 200:
+            status = client.get("/v1/models", headers={"Authorization": f"Bearer {new}"}).status_code
+            time.sleep(0.5)
+        assert status == 200, "a token added to the tokens file was not accepted within 20 s"
+    finally:
+        path.write_text(original)

@@ -5,22 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from medray.data.dataset import Dataset
+from medray.data.dataset import BadItems, Dataset
 from medray.data.tables import label_values, read_table, row_name
 from medray.errors import DataError
 
 
-def _numeric(df: pd.DataFrame, column: str, path: str) -> np.ndarray:
-    """Column as float64; names the first row that is not a finite number."""
+def _numeric(df: pd.DataFrame, column: str, path: str, bad: BadItems) -> np.ndarray:
+    """Column as float64; each row that is not a finite number is reported to `bad`."""
     raw = df[column]
     values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(values)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
+    for i in np.flatnonzero(~np.isfinite(values)):
         shown = raw.iloc[i]
         what = "missing value" if pd.isna(shown) else f"non-numeric value {str(shown)[:40]!r}"
-        more = f" (and {int(bad.sum()) - 1} more rows)" if bad.sum() > 1 else ""
-        raise DataError(f"{path}: {row_name(path, i)}, column {column!r}: {what}{more}")
+        bad.add(i, f"{row_name(path, int(i))}, column {column!r}: {what}")
     return values
 
 
@@ -38,6 +35,7 @@ def read_exercise(
     feature_names: list[str] | None = None,
     require_labels: bool = True,
     exclude: tuple[str, ...] = (),
+    skip_bad: bool = False,
 ) -> Dataset:
     """Read a feature table.
 
@@ -47,6 +45,8 @@ def read_exercise(
     (e.g. a subject name) is not a feature.
     Inference (feature_names given, from a bundle): exactly those columns, in that order; a label
     column, if present, is kept for evaluation and otherwise ignored.
+    Every bad row (a feature that is no finite number, a missing label) is named in one error;
+    with `skip_bad` those rows are dropped instead and listed in `meta["skipped"]`.
     """
     df = read_table(path)
     if feature_names is None:
@@ -64,20 +64,25 @@ def read_exercise(
         if missing:
             raise DataError(f"{path}: missing feature column(s) {_preview(missing)} that the model was trained on")
 
+    bad = BadItems(path, "row", skip=skip_bad)
     x = np.empty((len(df), len(feature_names)), dtype=np.float32)
     for j, col in enumerate(feature_names):
-        x[:, j] = _numeric(df, col, path)
+        x[:, j] = _numeric(df, col, path, bad)
 
     labels = None
     if label_column is not None and label_column in df.columns:
-        labels = label_values(df, label_column, path)
+        labels = label_values(df, label_column, path, bad)
+    keep = bad.keep(len(df))
+    if len(keep) < len(df):
+        df, x = df.iloc[keep].reset_index(drop=True), x[keep]
+        labels = None if labels is None else labels[keep]
     return Dataset(
         source=str(path),
         inputs=x,
-        ids=[str(i) for i in range(len(df))],
+        ids=[str(i) for i in keep],
         labels=labels,
         table=df.drop(columns=feature_names),
-        meta={"feature_names": list(feature_names), "label_column": label_column},
+        meta=bad.record({"feature_names": list(feature_names), "label_column": label_column}, keep),
     )
 
 

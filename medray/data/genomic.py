@@ -11,9 +11,10 @@ import io
 import re
 
 import numpy as np
+import pandas as pd
 from Bio import SeqIO
 
-from medray.data.dataset import Dataset
+from medray.data.dataset import BadItems, Dataset
 from medray.data.tables import is_table, label_values, read_table, row_name
 from medray.errors import DataError
 
@@ -42,30 +43,47 @@ def validate_sequence(seq: str, name: str) -> str:
 
 
 def parse_fasta_text(text: str, source: str = "FASTA", require_labels: bool = False):
-    """(ids, sequences, labels or None) from FASTA text; shared by the file reader and serving."""
+    """(ids, sequences, labels or None) from FASTA text; shared by the file reader and serving.
+    Every bad record (a letter that is no nucleotide code, an empty sequence, a missing `label=`
+    when other records have one) is named in one DataError."""
+    ids, seqs, labels, _ = _parse_fasta(text, BadItems(source, "record"), require_labels)
+    return ids, seqs, labels
+
+
+def _parse_fasta(text: str, bad: BadItems, require_labels: bool):
+    """(ids, sequences, labels or None, indices of the records kept); bad records go to `bad`."""
+    source = bad.source
     if not text.lstrip().startswith(">"):
         raise DataError(f"{source}: not FASTA (the first record must start with '>')")
-    ids, seqs, labels = [], [], []
     try:
         records = list(SeqIO.parse(io.StringIO(text), "fasta"))
     except ValueError as e:
         raise DataError(f"{source}: malformed FASTA: {e}") from None
+    if not records:
+        raise DataError(f"{source}: no FASTA records")
+    ids, seqs, labels = [], [], []
     for k, rec in enumerate(records):
-        name = f"{source}: record {k + 1} ({rec.id})"
-        seqs.append(validate_sequence(str(rec.seq), name))
+        try:
+            seqs.append(validate_sequence(str(rec.seq), f"record {k + 1} ({rec.id})"))
+        except DataError as e:
+            bad.add(k, str(e))
+            seqs.append("")
         ids.append(rec.id)
         m = _LABEL.search(rec.description)
         labels.append(m.group(1) if m else None)
-    if not records:
-        raise DataError(f"{source}: no FASTA records")
     missing = [i for i, lab in enumerate(labels) if lab is None]
     if missing and (require_labels or len(missing) < len(labels)):
-        i = missing[0]
-        raise DataError(f"{source}: record {i + 1} ({ids[i]}) has no 'label=' token in its header")
-    return ids, seqs, (None if missing else np.array(labels, dtype=object))
+        for i in missing:
+            bad.add(i, f"record {i + 1} ({ids[i]}) has no 'label=' token in its header")
+    keep = bad.keep(len(records))
+    labels = None if any(labels[i] is None for i in keep) else np.array([labels[i] for i in keep], dtype=object)
+    return [ids[i] for i in keep], [seqs[i] for i in keep], labels, keep
 
 
-def read_genomic(path: str, *, require_labels: bool = True) -> Dataset:
+def read_genomic(path: str, *, require_labels: bool = True, skip_bad: bool = False) -> Dataset:
+    """Sequences from FASTA or CSV. Every bad record/row (invalid letters, an empty or missing
+    sequence, a missing label) is named in one error; with `skip_bad` those are dropped instead
+    and listed in `meta["skipped"]`."""
     path = str(path)
     if is_table(path):
         df = read_table(path)
@@ -73,14 +91,23 @@ def read_genomic(path: str, *, require_labels: bool = True) -> Dataset:
             raise DataError(f"{path}: CSV needs a 'sequence' column (columns: {list(df.columns)[:8]})")
         if require_labels and "label" not in df.columns:
             raise DataError(f"{path}: CSV needs a 'label' column")
+        bad = BadItems(path, "row", skip=skip_bad)
         seqs = []
         for i, s in enumerate(df["sequence"]):
-            if not isinstance(s, str):
-                raise DataError(f"{path}: {row_name(path, i)}: missing sequence")
-            seqs.append(validate_sequence(s, f"{path}: {row_name(path, i)}"))
+            try:
+                if not isinstance(s, str):
+                    raise DataError(f"{row_name(path, i)}: missing sequence")
+                seqs.append(validate_sequence(s, row_name(path, i)))
+            except DataError as e:
+                bad.add(i, str(e))
+                seqs.append("")
         ids = df["id"].astype(str).tolist() if "id" in df.columns else [str(i) for i in range(len(df))]
-        labels = label_values(df, "label", path) if "label" in df.columns else None
-        return Dataset(source=path, inputs=seqs, ids=ids, labels=labels, table=df.drop(columns=["sequence"]))
+        labels = label_values(df, "label", path, bad) if "label" in df.columns else None
+        keep = bad.keep(len(df))
+        return Dataset(source=path, inputs=[seqs[i] for i in keep], ids=[ids[i] for i in keep],
+                       labels=None if labels is None else labels[keep],
+                       table=df.iloc[keep].drop(columns=["sequence"]).reset_index(drop=True),
+                       meta=bad.record({}, keep))
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -90,7 +117,7 @@ def read_genomic(path: str, *, require_labels: bool = True) -> Dataset:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    ids, seqs, labels = parse_fasta_text(text, path, require_labels=require_labels)
-    import pandas as pd
-
-    return Dataset(source=path, inputs=seqs, ids=ids, labels=labels, table=pd.DataFrame({"id": ids}))
+    bad = BadItems(path, "record", skip=skip_bad)
+    ids, seqs, labels, keep = _parse_fasta(text, bad, require_labels)
+    return Dataset(source=path, inputs=seqs, ids=ids, labels=labels, table=pd.DataFrame({"id": ids}),
+                   meta=bad.record({}, keep))

@@ -51,10 +51,15 @@ def row_name(path: str, index: int) -> str:
     return f"line {index + 2}"
 
 
-def label_values(df: pd.DataFrame, column: str, path: str) -> np.ndarray:
-    """A label column as stripped strings; names the first row whose label is missing."""
+def label_values(df: pd.DataFrame, column: str, path: str, bad=None) -> np.ndarray:
+    """A label column as stripped strings. A missing label is reported to `bad` (a
+    `medray.data.dataset.BadItems` collecting the problems of each row) or, without one, raises
+    naming the first row whose label is missing."""
     raw = df[column]
     if raw.isna().any():
-        i = int(np.flatnonzero(raw.isna().to_numpy())[0])
-        raise DataError(f"{path}: {row_name(path, i)}: missing label in column {column!r}")
+        missing = np.flatnonzero(raw.isna().to_numpy())
+        if bad is None:
+            raise DataError(f"{path}: {row_name(path, int(missing[0]))}: missing label in column {column!r}")
+        for i in missing:
+            bad.add(i, f"{row_name(path, int(i))}: missing label in column {column!r}")
     return raw.astype(str).str.strip().to_numpy()

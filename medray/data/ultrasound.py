@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from medray.data.dataset import Dataset
+from medray.data.dataset import BadItems, Dataset
 from medray.data.tables import is_table, label_values, read_table, row_name
 from medray.errors import DataError
 
@@ -92,13 +92,15 @@ def decode_image(data: bytes, size: int, name: str = "image", max_pixels: int = 
     return np.asarray(img, dtype=np.uint8)
 
 
-def load_image(path: str, size: int) -> np.ndarray:
+def load_image(path: str, size: int, name: str | None = None) -> np.ndarray:
+    """The image file at `path`, decoded; errors name it as `name` (default: the path)."""
+    name = str(path) if name is None else name
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror}") from None
-    return decode_image(data, size, name=str(path))
+        raise DataError(f"{name}: cannot read: {e.strerror}") from None
+    return decode_image(data, size, name=name)
 
 
 def _list_class_folders(root: Path) -> pd.DataFrame:
@@ -129,16 +131,31 @@ def list_images(path: str, require_labels: bool = True) -> tuple[Path, pd.DataFr
     raise DataError(f"{path}: expected a folder of class subfolders, a CSV manifest 'path,label', or an image file")
 
 
-def read_ultrasound(path: str, *, size: int, require_labels: bool = True) -> Dataset:
+def read_ultrasound(path: str, *, size: int, require_labels: bool = True, skip_bad: bool = False) -> Dataset:
+    """Images decoded to (size, size) grayscale. Every unreadable image (missing, empty, truncated,
+    not an image, too large) and manifest row without a label is named in one error; with
+    `skip_bad` those are dropped instead and listed in `meta["skipped"]`."""
     root, df = list_images(path, require_labels=require_labels)
+    manifest = Path(path).is_file() and is_table(str(path))
+    bad = BadItems(path if manifest or Path(path).is_dir() else root, "image", skip=skip_bad)
+    labels = label_values(df, "label", str(path), bad) if "label" in df.columns else None
     images = np.empty((len(df), size, size), dtype=np.uint8)
-    ids = []
-    for i, rel in enumerate(df["path"].astype(str)):
+    rels = df["path"].astype(str).tolist()
+    for i, rel in enumerate(rels):
+        if i in bad:  # no label: not worth decoding
+            continue
+        where = f"{row_name(path, i)}: " if manifest else ""
         full = rel if os.path.isabs(rel) else str(root / rel)
         if not os.path.exists(full):
-            where = f"{path}: {row_name(path, i)}: " if Path(path).is_file() else ""
-            raise DataError(f"{where}{full}: no such image file")
-        images[i] = load_image(full, size)
-        ids.append(rel)
-    labels = label_values(df, "label", str(path)) if "label" in df.columns else None
-    return Dataset(source=str(path), inputs=images, ids=ids, labels=labels, table=df.reset_index(drop=True))
+            bad.add(i, f"{where}{full}: no such image file")
+            continue
+        try:
+            images[i] = load_image(full, size, name=rel)
+        except DataError as e:
+            bad.add(i, f"{where}{e}")
+    keep = bad.keep(len(df))
+    if len(keep) < len(df):
+        images, df = images[keep], df.iloc[keep]
+        labels = None if labels is None else labels[keep]
+    return Dataset(source=str(path), inputs=images, ids=[rels[i] for i in keep], labels=labels,
+                   table=df.reset_index(drop=True), meta=bad.record({}, keep))
