@@ -290,6 +290,10 @@ def evaluate_gan(bundle: Bundle, data: str, n: int | None = None, seed: int = 0,
     conditional = bundle.meta["model"]["params"].get("conditional", False)
     if conditional and ds.labels is not None:
         per_class = {}
+        if classifier:
+            from medray.bundle import load_bundle
+
+            clf = load_bundle(classifier)
         for lab in bundle.labels:
             g, _ = generate(bundle, max(64, n // len(bundle.labels)), label=lab, seed=seed)
             r = [s for s, y in zip(ds.inputs, ds.labels) if y == lab and len(s) == length]
@@ -300,9 +304,6 @@ def evaluate_gan(bundle: Bundle, data: str, n: int | None = None, seed: int = 0,
                               "real_AG_before_centre": round(float(np.mean([s[length // 2 - 2: length // 2] == "AG"
                                                                             for s in r])) if r else 0.0, 4)}
             if classifier:
-                from medray.bundle import load_bundle
-
-                clf = load_bundle(classifier)
                 pred = np.array(clf.labels)[clf.predict(g).argmax(axis=1)]
                 per_class[lab]["classifier_accuracy"] = round(float(np.mean(pred == lab)), 4)
         report["per_class"] = per_class

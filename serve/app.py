@@ -82,20 +82,12 @@ class ModelUnavailable(Exception):
     ray_actor_options={"num_cpus": 1},
 )
 class ModelServer:
-    def __init__(self, bundle_path: str):
-        import torch
-
+    def __init__(self, bundle_path: str, task: str | None = None):
         _undo_worker_niceness()
         self.path = str(bundle_path)
-        self.bundle, self.error = None, None
-        try:
-            self.bundle = load_bundle(self.path)
-        except MedrayError as e:  # keep the replica alive so /readyz can say which model and why
-            self.error = str(e)
-            logger.error("model bundle failed to load: %s", e)
+        self.bundle, self.error = _load_for_serving(self.path, task)
+        if self.bundle is None:
             return
-        if torch.cuda.is_available():  # a replica given num_gpus sees its GPU
-            self.bundle.to("cuda")
         # one thread runs forward passes, so the event loop keeps accepting (and batching) requests
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
 
@@ -136,6 +128,23 @@ class ModelServer:
         joined = _concat(batch)
         probs = await asyncio.get_running_loop().run_in_executor(self._pool, self.bundle.predict, joined)
         return _split(probs, counts, len(joined))
+
+
+def _load_for_serving(path: str, task: str | None):
+    """(bundle, None), or (None, why) when it cannot serve `task`: the replica stays alive so
+    /readyz can say which model failed and why, while the other models keep serving."""
+    import torch
+
+    try:
+        bundle = load_bundle(path)
+        if task is not None and bundle.task != task:
+            raise MedrayError(f"{path}: a {bundle.task} bundle, deployed as the {task} model")
+    except MedrayError as e:
+        logger.error("model bundle failed to load: %s", e)
+        return None, str(e)
+    if torch.cuda.is_available():  # a replica given num_gpus sees its GPU
+        bundle.to("cuda")
+    return bundle, None
 
 
 def _undo_worker_niceness() -> None:
@@ -226,21 +235,10 @@ async def _call_model(handle, task: str, inputs):
 class GeneratorServer:
     """A genomic-gan bundle: sequences sampled with `medray.gan.generate` (what `medray generate` runs)."""
 
-    def __init__(self, bundle_path: str):
-        import torch
-
+    def __init__(self, bundle_path: str, task: str = "genomic-gan"):
         _undo_worker_niceness()
-        self.path, self.bundle, self.error = str(bundle_path), None, None
-        try:
-            self.bundle = load_bundle(self.path)
-            if self.bundle.task != "genomic-gan":
-                raise MedrayError(f"{self.path}: a {self.bundle.task} bundle, not a genomic-gan generator")
-        except MedrayError as e:
-            self.bundle, self.error = None, str(e)
-            logger.error("generator bundle failed to load: %s", e)
-            return
-        if torch.cuda.is_available():
-            self.bundle.to("cuda")
+        self.path = str(bundle_path)
+        self.bundle, self.error = _load_for_serving(self.path, task)
 
     def info(self) -> dict:
         if self.bundle is None:
@@ -623,7 +621,7 @@ def build(args: dict | None = None, deployment_options: dict[str, dict] | None =
     models = {}
     for task, path in bundles.items():
         cls = GeneratorServer if task == "genomic-gan" else ModelServer
-        models[task] = cls.options(name=task, **opts.get(task, {})).bind(_absolute(path))
+        models[task] = cls.options(name=task, **opts.get(task, {})).bind(_absolute(path), task)
     return Gateway.options(name="ingress", **opts.get("ingress", {})).bind(models, args.get("limits"), security)
 
 
