@@ -33,9 +33,13 @@ def resolve_groups(spec: str | None, ds: Dataset) -> np.ndarray | None:
         side = read_table(path)
         if column not in side.columns:
             raise DataError(f"{path}: group column {column!r} not found (columns: {list(side.columns)[:8]})")
-        if len(side) != len(ds):
-            raise DataError(f"{path}: has {len(side)} rows but {ds.source} has {len(ds)}; a group file must be row-aligned")
-        return side[column].astype(str).to_numpy()
+        rows = ds.meta.get("source_rows")  # rows kept after --skip-bad dropped unreadable ones
+        expected = len(ds) + len(ds.meta.get("skipped") or [])
+        if rows is None and len(side) != len(ds) or rows is not None and len(side) <= max(rows, default=-1):
+            raise DataError(f"{path}: has {len(side)} rows but {ds.source} has {expected}; a group file must be "
+                            "row-aligned")
+        values = side[column].astype(str).to_numpy()
+        return values if rows is None else values[np.asarray(rows, dtype=int)]
     raise DataError(
         f"{ds.source}: group column {spec!r} not found (columns: {list(ds.table.columns)[:8]}); "
         "use COLUMN, FILE:COLUMN or id-prefix[:SEP]"

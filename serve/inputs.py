@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 from dataclasses import dataclass
 
@@ -44,12 +45,31 @@ class Limits:
         return out
 
 
+MAX_DETAIL_CHARS = 1000  # an error detail never echoes a request back at length
+
+
 class RequestError(Exception):
     """A client error: answered as `{"error": code, "detail": detail}` with `status`."""
 
     def __init__(self, status: int, code: str, detail: str):
+        if len(detail) > MAX_DETAIL_CHARS:
+            detail = detail[: MAX_DETAIL_CHARS - 1] + "…"
         super().__init__(detail)
         self.status, self.code, self.detail = status, code, detail
+
+
+def show(value: object, limit: int = 40) -> str:
+    """A short, safe rendering of a client's value for an error detail: containers by their size
+    (a deeply nested one would exhaust the recursion limit in repr), the rest repr'd and cut."""
+    if isinstance(value, (list, dict)):
+        return f"a {'list' if isinstance(value, list) else 'JSON object'} of {len(value)} item(s)"
+    text = repr(value if not isinstance(value, str) else value[: limit + 1])
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _names(keys, n: int = 5) -> list[str]:
+    """The first `n` of a client's (sorted) keys, each cut short, for an error detail."""
+    return [k if len(k) <= 40 else k[:39] + "…" for k in sorted(keys)[:n]]
 
 
 def invalid(detail: str) -> RequestError:
@@ -73,7 +93,7 @@ def _instances(doc: object, key: str, limits: Limits) -> list:
     if not isinstance(doc, dict):
         raise invalid(f"expected a JSON object with {key!r}, got {type(doc).__name__}")
     if key not in doc:
-        raise invalid(f"missing {key!r} (a list, one entry per instance); keys given: {sorted(doc)[:8]}")
+        raise invalid(f"missing {key!r} (a list, one entry per instance); keys given: {_names(doc, 8)}")
     items = doc[key]
     if not isinstance(items, list):
         raise invalid(f"{key!r} must be a list, got {type(items).__name__}")
@@ -106,19 +126,27 @@ def parse_features(body: bytes, feature_names: list[str], limits: Limits) -> np.
             raise invalid(f"instance {i}: has {len(r)} features, the model expects {n_features}")
     try:
         x = np.array(rows)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         x = None
     # numbers only: numpy's own dtype says so, except for booleans mixed into numbers (promoted)
     numeric = x is not None and x.ndim == 2 and x.dtype.kind in "iuf"
     if not numeric or ((b"true" in body or b"false" in body) and _has_non_number(rows)):
         i, j, v = _first_non_number(rows)
-        raise invalid(f"instance {i}, feature {j} ({feature_names[j]!r}): {str(v)[:40]!r} is not a number")
-    x = x.astype(np.float64, copy=False)
+        raise invalid(f"instance {i}, feature {j} ({feature_names[j]!r}): {show(v)} is not a number")
+    if x.dtype.kind != "f":  # integers: exact in float64 up to 2^53, and JSON integers beyond int64 never get here
+        x = x.astype(np.float64)
     finite = np.isfinite(x)
     if not finite.all():
         i, j = map(int, np.argwhere(~finite)[0])
         raise invalid(f"instance {i}, feature {j} ({feature_names[j]!r}): {x[i, j]} is not a finite number")
-    return x.astype(np.float32)
+    with np.errstate(over="ignore"):
+        x32 = x.astype(np.float32)
+    finite = np.isfinite(x32)
+    if not finite.all():  # finite as a double, infinite as the model's float32
+        i, j = map(int, np.argwhere(~finite)[0])
+        raise invalid(f"instance {i}, feature {j} ({feature_names[j]!r}): {x[i, j]:g} is out of range "
+                      f"(|value| must be below {float(np.finfo(np.float32).max):g})")
+    return x32
 
 
 def _row_from_object(obj: dict, i: int, feature_names: list[str]) -> list:
@@ -127,7 +155,7 @@ def _row_from_object(obj: dict, i: int, feature_names: list[str]) -> list:
         raise invalid(f"instance {i}: missing feature(s) {missing[:5]}" + (" …" if len(missing) > 5 else ""))
     extra = set(obj) - set(feature_names)
     if extra:
-        raise invalid(f"instance {i}: unknown feature(s) {sorted(extra)[:5]}")
+        raise invalid(f"instance {i}: unknown feature(s) {_names(extra)}" + (" …" if len(extra) > 5 else ""))
     return [obj[f] for f in feature_names]
 
 
@@ -142,8 +170,8 @@ def _has_non_number(rows: list) -> bool:
 def _first_non_number(rows: list):
     for i, r in enumerate(rows):
         for j, v in enumerate(r):
-            if type(v) not in (int, float):
-                return i, j, v
+            if type(v) not in (int, float) or (type(v) is int and not -(2**63) <= v < 2**64):
+                return i, j, v  # (integers beyond 64 bits make numpy fall back to objects)
     return 0, 0, "?"  # pragma: no cover - only called when one exists
 
 
@@ -176,7 +204,8 @@ def parse_sequences(body: bytes, content_type: str, limits: Limits) -> tuple[lis
     for i, s in enumerate(seqs):
         if len(s) > limits.max_sequence_length:
             raise RequestError(413, "sequence_too_long",
-                               f"sequence {i} ({ids[i]}) has {len(s)} bases; the limit is {limits.max_sequence_length}")
+                               f"sequence {i} ({show(ids[i])}) has {len(s)} bases; the limit is "
+                               f"{limits.max_sequence_length}")
     return ids, seqs
 
 
@@ -204,12 +233,37 @@ def decode_images(files: list[tuple[str, bytes]], size: int, limits: Limits) -> 
     check_count(len(files), "images", limits)
     out = np.empty((len(files), size, size), dtype=np.uint8)
     for i, (name, data) in enumerate(files):
+        name = name if len(name) <= 80 else name[:79] + "…"  # a client's file name
+        _check_dicom_frames(data, name, limits)
         try:
             out[i] = decode_image(data, size, name=name, max_pixels=limits.max_image_pixels)
         except DataError as e:
             status = 413 if "limit" in str(e) else 422
             raise RequestError(status, "image_too_large" if status == 413 else "invalid_image", str(e)) from None
+        except Exception as e:  # a decoder's own failure on hostile bytes is still the image's fault
+            raise RequestError(422, "invalid_image", f"{name}: cannot decode the image ({type(e).__name__}: "
+                               f"{str(e)[:200]})") from None
     return out
+
+
+def _check_dicom_frames(data: bytes, name: str, limits: Limits) -> None:
+    """A multi-frame DICOM decodes every frame: Rows x Columns x NumberOfFrames pixels, checked
+    from the header before any pixel data is decoded (an RLE-compressed cine loop of a few MB can
+    otherwise inflate to gigabytes, each frame within the per-image limit)."""
+    if not (len(data) > 132 and data[128:132] == b"DICM"):
+        return
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except Exception as e:
+        raise RequestError(422, "invalid_image", f"{name}: unreadable DICOM header: {str(e)[:200]}") from None
+    pixels = max(rows, 0) * max(cols, 0) * max(frames, 1)
+    if pixels > limits.max_image_pixels:
+        raise RequestError(413, "image_too_large", f"{name}: DICOM holds {max(frames, 1)} frame(s) of {cols}x{rows} "
+                           f"pixels ({pixels} in all), over the {limits.max_image_pixels}-pixel limit")
 
 
 # --------------------------------------------------------------------------- genomic GAN
@@ -222,21 +276,21 @@ def parse_generate(body: bytes, labels: list[str], conditional: bool, limits: Li
         raise invalid(f"expected a JSON object {{\"n\": …}}, got {type(doc).__name__}")
     unknown = set(doc) - {"n", "label", "seed"}
     if unknown:
-        raise invalid(f"unknown field(s) {sorted(unknown)} (known: n, label, seed)")
+        raise invalid(f"unknown field(s) {_names(unknown)} (known: n, label, seed)")
     n, label, seed = doc.get("n"), doc.get("label"), doc.get("seed", 0)
     if type(n) is not int:
-        raise invalid(f"'n' must be an integer, got {n!r}")
+        raise invalid(f"'n' must be an integer, got {show(n)}")
     if n < 1:
         raise invalid(f"'n' must be at least 1, got {n}")
     if n > limits.max_instances:
         raise RequestError(413, "too_many_instances", f"n={n} is over the limit of {limits.max_instances} per request")
     if type(seed) is not int or not 0 <= seed < 2**63:
-        raise invalid(f"'seed' must be an integer from 0 to 2^63-1, got {seed!r}")
+        raise invalid(f"'seed' must be an integer from 0 to 2^63-1, got {show(seed)}")
     if label is not None:
         if not conditional:
             raise invalid("this generator is unconditional: send no 'label'")
-        if label not in labels:
-            raise invalid(f"unknown label {label!r} (known: {', '.join(labels)})")
+        if not isinstance(label, str) or label not in labels:
+            raise invalid(f"unknown label {show(label)} (known: {', '.join(labels)})")
     return n, label, seed
 
 

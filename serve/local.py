@@ -47,8 +47,10 @@ def bundles_by_task(bundle_dirs: list[str]) -> dict[str, str]:
 
 def start(bundles: dict[str, str], host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
           throughput_optimized: bool = True, config: dict | None = None, name: str = "medray",
-          tokens_file: str | None = None, no_auth: bool = False, audit_log: str | None = None) -> str:
-    """Deploy the application and wait until every model is loaded; returns its base URL.
+          tokens_file: str | None = None, no_auth: bool = False, audit_log: str | None = None,
+          wait: bool = True) -> str:
+    """Deploy the application and wait until every model is loaded (`wait=False`: return once it is
+    deployed, e.g. to inspect a model that fails to load through /readyz); returns its base URL.
     `config` (default serve/config.yaml) gives the deployment settings and the app args (limits,
     auth, cors_origins, audit_log); `tokens_file`, `no_auth` and `audit_log` override those."""
     from serve.app import build, config_deployment_options, default_config, wait_ready
@@ -86,7 +88,8 @@ def start(bundles: dict[str, str], host: str = "127.0.0.1", port: int = 8000, ad
     app = build(args, options)
     serve.run(app, name=name, route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
-    wait_ready(url)
+    if wait:
+        wait_ready(url)
     return url
 
 

@@ -27,3 +27,13 @@ def test_demo_quick_trains_and_evaluates_all_three(ray_session, tmp_path):
     by_task = {r["task"]: r for r in rows}
     assert by_task["exercise"]["test_accuracy"] > 0.5  # 4 classes, held-out subjects
     assert by_task["genomic"]["test_accuracy"] > 0.6  # 3 classes
+    # serve/config.yaml's paths are the demo's (`make demo` then `serve run serve/config.yaml`), token included
+    from serve.app import build_app, default_config
+
+    args = default_config()["applications"][0]["args"]
+    here = lambda p: str(tmp_path / p.removeprefix(".medray-demo/"))  # noqa: E731
+    assert all(p.startswith(".medray-demo/") for p in [*args["bundles"].values(), args["auth"]["tokens_file"]])
+    for p in args["bundles"].values():
+        assert load_bundle(here(p)).task in args["bundles"]
+    build_app(dict(args, bundles={t: here(p) for t, p in args["bundles"].items()},
+                   auth={"tokens_file": here(args["auth"]["tokens_file"])}))

@@ -28,7 +28,8 @@ import pytest
 
 from conftest import ROOT, shared
 from medray.bundle import load_bundle
-from medray.train import CHECKPOINT_META, STATE, _latest_local_checkpoint, _verified_checkpoint_meta, train
+from medray.train import (CHECKPOINT_META, STATE, _latest_local_checkpoint, _verified_checkpoint_meta,
+                          resolve_run_storage, train)
 
 pytestmark = pytest.mark.ray
 
@@ -73,10 +74,16 @@ def _history_is_complete(history: list[dict], epochs: int) -> None:
 
 
 # ----------------------------------------------------------------------------- worker SIGKILL
-def _alive_train_workers() -> list[dict]:
+def _alive_train_workers() -> list[int]:
+    """pids of the live Ray Train worker actors (the only run in this Ray instance while the test runs)."""
+    import ray
     from ray.util.state import list_actors
 
-    return list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
+    # the address explicitly: without it the state API follows /tmp/ray/ray_current_cluster, the
+    # instance started last on this machine, which need not be this session's
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, detail=True,
+                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [a.pid for a in actors]
 
 
 def test_worker_sigkill_mid_epoch_restarts_from_the_latest_checkpoint(ray_session, tmp_path):
@@ -108,15 +115,14 @@ def test_worker_sigkill_mid_epoch_restarts_from_the_latest_checkpoint(ray_sessio
     before = _complete_epochs(run_dir)
     last_ckpt = max(before)
     assert last_ckpt < epochs, "the run ended before the kill; make the epochs longer"
-    victim = workers[0]["pid"]
-    os.kill(victim, signal.SIGKILL)
+    os.kill(workers[0], signal.SIGKILL)
     t_kill = time.time()
-    old_pids = {w["pid"] for w in workers}
+    old_pids = set(workers)
 
     # the worker group comes back (new processes) and reports the next epoch
     def new_group():
         alive = _alive_train_workers()
-        return time.time() if len(alive) == 2 and not old_pids & {w["pid"] for w in alive} else None
+        return time.time() if len(alive) == 2 and not old_pids & set(alive) else None
 
     t_back = _wait_for(new_group, 120, "a new worker group", poll=0.2)
     t_next = _wait_for(lambda: time.time() if last_ckpt + 1 in _complete_epochs(run_dir) else None, 120,
@@ -317,14 +323,15 @@ def test_partial_checkpoint_folders_are_not_trusted_or_resumed_from(ray_session,
     assert history[2]["resumed_from_epoch"] == 2 and history[2]["attempt"] == 2
     assert load_bundle(tmp_path / "b3").meta["training"]["epochs_trained"] == 3
     assert _latest_local_checkpoint(run_dir)["epoch"] == 3
-    # a partial folder with a different fingerprint (a damaged checkpoint.json copy) does not make
+    # a partial folder with another fingerprint (a damaged copy of checkpoint.json) does not make
     # medray refuse the run as "trained on different data"
     bad = run_dir / "checkpoint_3000-01-01_00-00-00.000000"
     bad.mkdir()
     (bad / CHECKPOINT_META).write_text(json.dumps({"epoch": 9, "fingerprint": "0" * 64, "state_bytes": 10,
                                                    "state_sha256": "0" * 64}))
     (bad / STATE).write_bytes(b"x" * 5)
-    third = train("genomic", data, str(tmp_path / "b3"), epochs=3, log=logs.append, **kw)
-    _history_is_complete(third["metrics"]["history"], 3)
+    logs.clear()
+    assert resolve_run_storage(str(storage), name, second["data"]["fingerprint"], 3, log=logs.append) == str(storage)
+    assert logs == [f"[medray] run {name!r} already has 3 epochs; writing its bundle"]
     _record("partial_checkpoints", {"planted_partial_folders": len(planted) + 1, "trusted": 0,
                                     "resumed_from_epoch": history[2]["resumed_from_epoch"]})

@@ -343,3 +343,16 @@ def test_job_specs_accept_skip_bad():
     assert load_spec({"task": "genomic", "data": "x.fa", "out": "b", "skip_bad": True})["skip_bad"] is True
     with pytest.raises(MedrayError, match="'skip_bad' must be bool"):
         load_spec({"task": "genomic", "data": "x.fa", "out": "b", "skip_bad": "yes"})
+
+
+def test_group_side_file_stays_aligned_when_rows_are_skipped(tmp_path):
+    from medray.data.exercise import read_exercise
+    from medray.split import resolve_groups
+
+    pd.DataFrame({"a": [1, 2, "x", 4, 5, 6], "label": list("ababab")}).to_csv(tmp_path / "t.csv", index=False)
+    pd.DataFrame({"subject": [f"s{i}" for i in range(6)]}).to_csv(tmp_path / "m.csv", index=False)
+    ds = read_exercise(str(tmp_path / "t.csv"), skip_bad=True)
+    assert resolve_groups(f"{tmp_path / 'm.csv'}:subject", ds).tolist() == ["s0", "s1", "s3", "s4", "s5"]
+    pd.DataFrame({"subject": ["s0", "s1"]}).to_csv(tmp_path / "short.csv", index=False)
+    with pytest.raises(DataError, match="row-aligned"):
+        resolve_groups(f"{tmp_path / 'short.csv'}:subject", ds)
