@@ -34,7 +34,7 @@ from medray.data.location import localize
 from medray.errors import DataError, MedrayError
 from medray.models import DNACritic, DNAGenerator
 from medray.preprocessing import SequenceEncoder
-from medray.train import CHECKPOINT_META, STATE
+from medray.train import STATE, write_checkpoint_files
 
 TASK = "genomic-gan"
 
@@ -142,10 +142,10 @@ def gan_loop_per_worker(config: dict):
         with tempfile.TemporaryDirectory() as tmp:
             out = None
             if rank == 0:
-                torch.save({"epoch": epoch, "generator": gen.state_dict(), "critic": critic.state_dict(),
-                            "opt_generator": opt_g.state_dict(), "opt_critic": opt_c.state_dict(),
-                            "history": history}, Path(tmp) / STATE)
-                Path(tmp, CHECKPOINT_META).write_text(json.dumps({"epoch": epoch, "fingerprint": config["fingerprint"]}))
+                write_checkpoint_files(tmp, {"epoch": epoch, "generator": gen.state_dict(), "critic": critic.state_dict(),
+                                             "opt_generator": opt_g.state_dict(), "opt_critic": opt_c.state_dict(),
+                                             "history": history},
+                                       {"epoch": epoch, "fingerprint": config["fingerprint"]})
                 out = ray.train.Checkpoint.from_directory(tmp)
                 print(f"[medray] gan epoch {epoch}/{config['epochs']}  critic {metrics['critic_loss']:.3f}  "
                       f"generator {metrics['generator_loss']:.3f}  gp {metrics['gradient_penalty']:.3f}  "

@@ -34,6 +34,7 @@ from medray.tasks import encode_labels, fit_preprocessor, load_preset, read_trai
 
 STATE = "state.pt"
 CHECKPOINT_META = "checkpoint.json"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's list of registered checkpoints
 DEFAULT_STORAGE = os.environ.get("MEDRAY_STORAGE", os.path.expanduser("~/medray-runs"))
 
 
@@ -234,12 +235,29 @@ def _verified_checkpoint_meta(ckpt_dir: Path) -> dict | None:
         return None
 
 
+def _registered_checkpoints(run_dir: Path) -> set[str] | None:
+    """Names of the checkpoint folders Ray Train lists in its run snapshot: the ones it resumes
+    from. A folder can be complete on disk and still missing there (the run died after the copy,
+    before the controller registered it); Ray then resumes from the one before. None: no snapshot
+    (or an unreadable one)."""
+    try:
+        snap = json.loads((run_dir / RAY_SNAPSHOT).read_text())
+        results = [*snap.get("checkpoint_results", []), snap.get("latest_checkpoint_result") or {}]
+        return {r["checkpoint_dir_name"] for r in results if r.get("checkpoint_dir_name")}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return None
+
+
 def _latest_local_checkpoint(run_dir: Path) -> dict | None:
-    """checkpoint.json of the newest complete checkpoint under `run_dir` (partial ones skipped)."""
+    """checkpoint.json of the newest complete checkpoint under `run_dir` that Ray would resume from
+    (partial folders and ones Ray never registered are skipped)."""
     if not run_dir.is_dir():
         return None
+    registered = _registered_checkpoints(run_dir)
     metas = []
     for meta in run_dir.glob("checkpoint_*/" + CHECKPOINT_META):
+        if registered is not None and meta.parent.name not in registered:
+            continue
         try:
             epoch = json.loads(meta.read_text())["epoch"]
         except (OSError, ValueError, KeyError, TypeError):

@@ -179,14 +179,15 @@ def _split(probs: np.ndarray, counts: list[int], batch: int) -> list[tuple[np.nd
 
 
 # --------------------------------------------------------------------------- replica failures
-# A model replica that dies (crash, OOM kill, node loss) fails the handle calls it was serving;
-# Serve replaces it (the deployment's replica count) and stops routing to it, and the router
-# itself re-routes calls that the dead replica never accepted. Calls it had accepted fail: on
-# Ray 2.58 with gRPC between deployments (throughput mode) as ActorUnavailableError ("Actor is
-# unavailable", the gRPC channel dropped), otherwise as ActorDiedError, possibly wrapped in a
-# RayTaskError. Predictions are idempotent, so the ingress sends such a call again, after a short
-# pause that lets the router learn the replica is gone; after the last retry the client gets
-# 503 model_unavailable with Retry-After (never a 500).
+# A model replica that dies (crash, OOM kill, node loss) is replaced by Serve (the deployment's
+# replica count), which stops routing to it. Calls it was serving: Serve's router (Ray 2.58,
+# gRPC between deployments in throughput mode) sends again by itself those whose replica died
+# before reporting it had accepted them (SIGKILLs under load, tests/test_faults_serving.py: the
+# ingress mostly sees only latency). The others fail in the ingress with ActorUnavailableError
+# ("Actor is unavailable": the gRPC channel dropped; ActorDiedError, possibly wrapped in a
+# RayTaskError, without gRPC). Predictions are idempotent, so the ingress sends those again too,
+# after a short pause that lets the router learn the replica is gone; after the last retry the
+# client gets 503 model_unavailable with Retry-After (never a 500).
 
 REPLICA_RETRY_BACKOFF_S = (0.05, 0.5)  # pause before each retry; len() = retries
 

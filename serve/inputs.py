@@ -189,6 +189,8 @@ def parse_sequences(body: bytes, content_type: str, limits: Limits) -> tuple[lis
             ids, seqs, _ = parse_fasta_text(text, "FASTA body")
         except DataError as e:
             raise invalid(str(e)) from None
+        except ValueError as e:  # Biopython's own: a non-ASCII letter in a sequence fails to decode
+            raise invalid(_fasta_problem(text) or f"FASTA body: unreadable ({type(e).__name__})") from None
         check_count(len(seqs), "sequences", limits)
     else:
         items = _instances(parse_json(body), "sequences", limits)
@@ -207,6 +209,17 @@ def parse_sequences(body: bytes, content_type: str, limits: Limits) -> tuple[lis
                                f"sequence {i} ({show(ids[i])}) has {len(s)} bases; the limit is "
                                f"{limits.max_sequence_length}")
     return ids, seqs
+
+
+def _fasta_problem(text: str) -> str | None:
+    """Where a FASTA body's sequence lines hold a letter that is not ASCII."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.startswith(">"):
+            for k, ch in enumerate(line, 1):
+                if ord(ch) > 127:
+                    return (f"FASTA body: line {n}, column {k}: invalid letter {ch!r} "
+                            "(IUPAC nucleotide codes expected)")
+    return None
 
 
 # --------------------------------------------------------------------------- ultrasound

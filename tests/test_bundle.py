@@ -73,3 +73,52 @@ def test_mismatched_bundle_json_is_refused(tmp_path):
         load_bundle(path)
     with pytest.raises(BundleError, match="not a model bundle"):
         load_bundle(tmp_path / "nowhere")
+
+
+def test_a_writer_killed_mid_write_leaves_the_previous_bundle_whole(tmp_path):
+    """A process that dies while writing (os._exit between the weights and bundle.json: no
+    cleanup runs) leaves the old bundle loadable at the same path; the next write succeeds."""
+    import subprocess
+    import sys
+    import textwrap
+
+    path, *_ = _bundle(tmp_path)
+    before = load_bundle(path).meta["weights"]["sha256"]
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path[:0] = {sys.path!r}
+        import medray.bundle as mb
+        from test_bundle import _bundle
+        from pathlib import Path
+        calls = []
+        real = os.fsync
+        def dying_fsync(fd):
+            calls.append(fd)
+            real(fd)
+            if len(calls) == 1:  # model.pt is on disk, bundle.json is not
+                os._exit(9)
+        mb.os.fsync = dying_fsync
+        _bundle(Path({str(tmp_path)!r}), seed=1)
+    """)
+    r = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path))
+    assert r.returncode == 9
+    assert load_bundle(path).meta["weights"]["sha256"] == before  # the old bundle, whole
+    assert any(p.name.startswith(".b.tmp-") for p in tmp_path.iterdir())  # the dead writer's temp dir
+    path2, *_ = _bundle(tmp_path, seed=1)
+    assert load_bundle(path2).meta["weights"]["sha256"] != before
+
+
+def test_replacing_a_bundle_is_one_atomic_exchange_on_linux(tmp_path, monkeypatch):
+    import sys
+
+    import medray.bundle as mb
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("renameat2 is Linux-only; elsewhere two renames are used")
+    path, *_ = _bundle(tmp_path)
+    swaps = []
+    real = mb._exchange
+    monkeypatch.setattr(mb, "_exchange", lambda a, b: swaps.append(real(a, b)) or swaps[-1])
+    monkeypatch.setattr(mb.os, "rename", lambda *a: pytest.fail("rename used: a window without a bundle"))
+    _bundle(tmp_path, seed=1)
+    assert swaps == [True] and sorted(p.name for p in tmp_path.iterdir()) == ["b"]
