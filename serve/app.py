@@ -307,7 +307,7 @@ def _body(content: dict[str, type[BaseModel] | dict]) -> dict:
     return {"requestBody": {"required": True, "content": out}}
 
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 422, 503)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 408, 413, 415, 422, 503)}
 _PREDICT = dict(response_model=PredictResponse, responses=_ERRORS)
 
 api = FastAPI(
@@ -366,8 +366,10 @@ async def _validation_error(request: Request, e: RequestValidationError):
     return _error(422, "invalid_input", f"{where}: {first.get('msg', 'invalid request')}")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it exceeds `limit` bytes (declared or streamed)."""
+async def read_body(request: Request, limit: int, timeout_s: float = 30) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds `limit` bytes (declared or
+    streamed), and with 408 when it has not all arrived within `timeout_s` (a slow client must not
+    hold an ingress slot for long)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -376,11 +378,16 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise RequestError(413, "body_too_large", f"request body of {int(declared)} bytes is over the "
                                f"{limit}-byte limit")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, "body_too_large", f"request body is over the {limit}-byte limit")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestError(413, "body_too_large", f"request body is over the {limit}-byte limit")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g} s "
+                           f"({size} bytes received)") from None
     return b"".join(chunks)
 
 
@@ -494,7 +501,7 @@ class Gateway:
         info = await self._ready_model("exercise")
         if media_type(request) not in ("application/json", ""):
             raise RequestError(415, "unsupported_media_type", "send application/json: {\"instances\": [[…], …]}")
-        body = await read_body(request, self.limits.max_body_bytes)
+        body = await read_body(request, self.limits.max_body_bytes, self.limits.body_timeout_s)
         x = parse_features(body, info["input"]["feature_names"], self.limits)
         _audit(request, info, len(x))
         return await self._predict("exercise", info, x)
@@ -508,7 +515,7 @@ class Gateway:
         if mt not in ("application/json", "", "text/x-fasta", "text/plain", "application/x-fasta"):
             raise RequestError(415, "unsupported_media_type", f"{mt!r}: send application/json "
                                "{\"sequences\": […]} or a FASTA body as text/x-fasta")
-        body = await read_body(request, self.limits.max_body_bytes)
+        body = await read_body(request, self.limits.max_body_bytes, self.limits.body_timeout_s)
         _, seqs = parse_sequences(body, mt, self.limits)
         _audit(request, info, len(seqs))
         return await self._predict("genomic", info, seqs)
@@ -523,7 +530,7 @@ class Gateway:
     async def predict_ultrasound(self, request: Request) -> Response:
         info = await self._ready_model("ultrasound")
         mt = media_type(request)
-        body = await read_body(request, self.limits.max_body_bytes)
+        body = await read_body(request, self.limits.max_body_bytes, self.limits.body_timeout_s)
         if mt == "multipart/form-data":
             files = await self._multipart_files(request, body)
         elif mt in ("application/json", ""):
@@ -542,7 +549,7 @@ class Gateway:
               responses={**_ERRORS, 200: {"content": {"application/json": {}, "text/x-fasta": {}}}})
     async def generate_genomic(self, request: Request) -> Response:
         info = await self._ready_model("genomic-gan")
-        body = await read_body(request, self.limits.max_body_bytes)
+        body = await read_body(request, self.limits.max_body_bytes, self.limits.body_timeout_s)
         n, label, seed = parse_generate(body, info["labels"], bool(info["input"].get("conditional")), self.limits)
         _audit(request, info, n)
         try:

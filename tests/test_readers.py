@@ -356,3 +356,21 @@ def test_group_side_file_stays_aligned_when_rows_are_skipped(tmp_path):
     pd.DataFrame({"subject": ["s0", "s1"]}).to_csv(tmp_path / "short.csv", index=False)
     with pytest.raises(DataError, match="row-aligned"):
         resolve_groups(f"{tmp_path / 'short.csv'}:subject", ds)
+
+
+def test_multi_frame_dicom_bomb_is_refused_from_its_header():
+    """Frames × rows × columns counts against the pixel limit before any frame is decoded (an
+    RLE cine loop of ~1 MB would otherwise inflate to 10^9 float pixels)."""
+    from test_hostile_input import dicom_rle_bomb
+
+    with pytest.raises(DataError, match=r"1000 frame\(s\) of 1000x1000 pixels"):
+        decode_image(dicom_rle_bomb(1000, 1000, 1000), 128, name="cine.dcm", max_pixels=40_000_000)
+
+
+def test_fasta_non_ascii_letter_is_named_not_a_crash(tmp_path):
+    p = tmp_path / "s.fasta"
+    p.write_text(">a label=EI\nACGT\u2026A\n>b label=N\nACGT\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"record 1 \(a\): invalid letter '…' at position 5"):
+        read_genomic(str(p))
+    ds = read_genomic(str(p), skip_bad=True)
+    assert ds.inputs == ["ACGT"] and len(ds.meta["skipped"]) == 1

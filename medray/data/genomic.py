@@ -64,7 +64,14 @@ def _parse_fasta(text: str, bad: BadItems, require_labels: bool):
     ids, seqs, labels = [], [], []
     for k, rec in enumerate(records):
         try:
-            seqs.append(validate_sequence(str(rec.seq), f"record {k + 1} ({rec.id})"))
+            try:
+                seq = str(rec.seq)
+            except UnicodeDecodeError as e:  # Biopython keeps sequences as ASCII bytes
+                chars = bytes(e.object).decode("utf-8", "replace")
+                pos = next(i for i, c in enumerate(chars) if ord(c) > 127)
+                raise DataError(f"record {k + 1} ({rec.id}): invalid letter {chars[pos]!r} at position {pos + 1} "
+                                "(IUPAC nucleotide codes expected)") from None
+            seqs.append(validate_sequence(seq, f"record {k + 1} ({rec.id})"))
         except DataError as e:
             bad.add(k, str(e))
             seqs.append("")

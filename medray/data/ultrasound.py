@@ -33,14 +33,20 @@ def _dicom_to_gray(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.n
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
-        declared = int(getattr(ds, "Rows", 0) or 0) * int(getattr(ds, "Columns", 0) or 0)
-        if declared > max_pixels:  # checked before decoding the pixel data
-            raise DataError(f"{name}: DICOM image is {ds.Columns}x{ds.Rows} pixels, over the {max_pixels} limit")
-        pixels = ds.pixel_array.astype(np.float64)
+        rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+        frames = max(1, int(getattr(ds, "NumberOfFrames", 1) or 1))
+        # checked before decoding: every frame is decoded, and a compressed cine loop of a few MB
+        # can inflate to gigabytes while each frame is within the per-image limit
+        if rows * cols * frames > max_pixels:
+            raise DataError(f"{name}: DICOM holds {frames} frame(s) of {cols}x{rows} pixels "
+                            f"({rows * cols * frames} in all), over the {max_pixels}-pixel limit")
+        pixels = ds.pixel_array.astype(np.float32)
+        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+        intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"{name}: unreadable DICOM: {e}") from None
+        raise DataError(f"{name}: unreadable DICOM: {str(e)[:200]}") from None
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):  # colour ultrasound frame
         pixels = pixels[..., :3].mean(axis=-1)
     elif pixels.ndim == 3:  # multi-frame cine loop: first frame
@@ -49,9 +55,7 @@ def _dicom_to_gray(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.n
         raise DataError(f"{name}: DICOM pixel data has unsupported shape {pixels.shape}")
     if pixels.size > max_pixels:
         raise DataError(f"{name}: image has {pixels.size} pixels, over the {max_pixels} limit")
-    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-    pixels = pixels * slope + intercept
+    pixels = pixels.astype(np.float64) * slope + intercept
     lo, hi = float(pixels.min()), float(pixels.max())
     scaled = np.zeros_like(pixels) if hi <= lo else (pixels - lo) * (255.0 / (hi - lo))
     if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
