@@ -192,6 +192,19 @@ def _split(probs: np.ndarray, counts: list[int], batch: int) -> list[tuple[np.nd
 REPLICA_RETRY_BACKOFF_S = (0.05, 0.5)  # pause before each retry; len() = retries
 
 
+def _unavailable(task: str, e: Exception) -> Response:
+    """503 for a model that cannot answer now. With Retry-After when retrying can help: a full
+    queue (`overloaded`), replicas that died or are not deployed yet; without it for a bundle that
+    failed to load (an operator must fix it; /readyz says why)."""
+    if isinstance(e, ModelUnavailable):
+        return _error(503, "model_unavailable", str(e))
+    if isinstance(e, BackPressureError):
+        return _error(503, "overloaded", f"the {task} model's queue is full; retry after {RETRY_AFTER_S}s",
+                      {"Retry-After": str(RETRY_AFTER_S)})
+    detail = str(e) if isinstance(e, ReplicaUnreachable) else f"the {task} model is not deployed: {e.message}"
+    return _error(503, "model_unavailable", f"{detail}; retry after {RETRY_AFTER_S}s", {"Retry-After": str(RETRY_AFTER_S)})
+
+
 class ReplicaUnreachable(Exception):
     """A model's handle call failed on dead or unreachable replicas on every attempt."""
 
@@ -210,12 +223,13 @@ def _replica_gone(e: BaseException) -> bool:
     return isinstance(e, (RayActorError, ReplicaUnavailableError, grpc.aio.AioRpcError))
 
 
-async def _call_model(handle, task: str, inputs):
-    """`handle.predict.remote(inputs)`, sent again (REPLICA_RETRY_BACKOFF_S) when the replica that
-    had it died; ReplicaUnreachable when every attempt did."""
+async def _call_model(handle, task: str, *args, method: str = "predict"):
+    """`handle.<method>.remote(*args)`, sent again (REPLICA_RETRY_BACKOFF_S) when the replica that
+    had it died; ReplicaUnreachable when every attempt did. Only for idempotent calls (predict;
+    generate, which is seeded)."""
     for attempt in range(len(REPLICA_RETRY_BACKOFF_S) + 1):
         try:
-            return await handle.predict.remote(inputs)
+            return await getattr(handle, method).remote(*args)
         except Exception as e:
             if not _replica_gone(e):
                 raise
@@ -462,15 +476,8 @@ class Gateway:
                 probs, batch = await _call_model(self.models[task], task, inputs)
             else:
                 probs, batch = await getattr(self, f"_batch_{task}")(inputs)
-        except BackPressureError:
-            return _error(503, "overloaded", f"the {task} model's queue is full; retry after {RETRY_AFTER_S}s",
-                          {"Retry-After": str(RETRY_AFTER_S)})
-        except ModelUnavailable as e:
-            raise RequestError(503, "model_unavailable", str(e)) from None
-        except (ReplicaUnreachable, DeploymentUnavailableError) as e:  # replicas died or never deployed
-            detail = str(e) if isinstance(e, ReplicaUnreachable) else f"the {task} model is not deployed: {e.message}"
-            return _error(503, "model_unavailable", f"{detail}; retry after {RETRY_AFTER_S}s",
-                          {"Retry-After": str(RETRY_AFTER_S)})
+        except (BackPressureError, ModelUnavailable, ReplicaUnreachable, DeploymentUnavailableError) as e:
+            return _unavailable(task, e)
         payload = {"predictions": prediction_objects(probs, info["labels"]),
                    "model": {"name": info["name"], "version": info["version"]}}
         return _json(payload, headers={BATCH_HEADER: str(batch)})
@@ -553,10 +560,10 @@ class Gateway:
         n, label, seed = parse_generate(body, info["labels"], bool(info["input"].get("conditional")), self.limits)
         _audit(request, info, n)
         try:
-            seqs, labels = await self.models["genomic-gan"].generate.remote(n, label, seed)
-        except BackPressureError:
-            return _error(503, "overloaded", f"the generator's queue is full; retry after {RETRY_AFTER_S}s",
-                          {"Retry-After": str(RETRY_AFTER_S)})
+            seqs, labels = await _call_model(self.models["genomic-gan"], "genomic-gan", n, label, seed,
+                                             method="generate")
+        except (BackPressureError, ModelUnavailable, ReplicaUnreachable, DeploymentUnavailableError) as e:
+            return _unavailable("genomic-gan", e)
         ids = [f"gen-{seed}-{i + 1}" for i in range(len(seqs))]
         if "text/x-fasta" in request.headers.get("accept", ""):
             text = "".join(f">{i}{' label=' + lab if lab else ''}\n{s}\n" for i, s, lab in zip(ids, seqs, labels))

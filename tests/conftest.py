@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,24 @@ def gan(ray_session, storage, tmp_path_factory):
     meta = train_gan(str(shared("genomic", "splice.fasta")), str(out), epochs=8, n_critic=2, lr=3e-4, workers=2,
                      storage=str(storage), name="test-gan", conditional=True, seed=0)
     return meta, out
+
+
+def shutdown_serve(timeout_s: float = 120.0) -> None:
+    """serve.shutdown(), then wait until the controller is gone and SERVE_PORT is free: a shutdown
+    that outlasts Serve's 30 s wait (a loaded machine) goes on in the background, and a Serve
+    started meanwhile would connect to the dying controller."""
+    import ray
+    from ray import serve
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    serve.shutdown()
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        except ValueError:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", SERVE_PORT)) != 0:
+                    return
+        time.sleep(0.5)
+    raise AssertionError(f"Serve did not shut down within {timeout_s:.0f}s")

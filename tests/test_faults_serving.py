@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import ROOT, SERVE_PORT
+from conftest import ROOT, SERVE_PORT, shutdown_serve
 
 pytestmark = pytest.mark.ray
 
@@ -77,29 +77,6 @@ class Served:
 
     def client(self, timeout: float = 60) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout, headers=self.headers)
-
-
-def shutdown_serve(timeout_s: float = 120.0) -> None:
-    """serve.shutdown(), then wait until the controller is gone and SERVE_PORT is free: a shutdown
-    that outlasts Serve's 30 s wait (a loaded machine) goes on in the background, and a Serve
-    started meanwhile would connect to the dying controller."""
-    import socket
-
-    import ray
-    from ray import serve
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
-    serve.shutdown()
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-        except ValueError:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", SERVE_PORT)) != 0:
-                    return
-        time.sleep(0.5)
-    raise AssertionError(f"Serve did not shut down within {timeout_s:.0f}s")
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import SERVE_PORT
+from conftest import SERVE_PORT, shutdown_serve
 
 pytestmark = pytest.mark.ray
 
@@ -93,8 +93,6 @@ def write_figures(figures: dict) -> None:
 
 @pytest.fixture(scope="module")
 def app(trained, gan, tmp_path_factory):
-    from ray import serve
-
     from serve.local import start
 
     bundles = {t: str(trained(t)[1]) for t in ("genomic", "exercise", "ultrasound")}
@@ -102,6 +100,7 @@ def app(trained, gan, tmp_path_factory):
     token = secrets.token_urlsafe(24)
     tokens = tmp_path_factory.mktemp("auth") / "tokens"
     tokens.write_text(token + "\n")
+    shutdown_serve()  # another module's application, if its shutdown is still under way
     url = start(bundles, port=SERVE_PORT, config=app_config(str(tokens)))
     served = Served(url, token)
     warm_up(served)
@@ -111,7 +110,7 @@ def app(trained, gan, tmp_path_factory):
         served.client.close()
         write_figures(served.figures)
         print("\nhostile-input figures:", json.dumps(served.figures, indent=2, sort_keys=True))
-        serve.shutdown()
+        shutdown_serve()
 
 
 def warm_up(s: Served) -> None:
