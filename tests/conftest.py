@@ -108,3 +108,21 @@ def shutdown_serve(timeout_s: float = 120.0) -> None:
                     return
         time.sleep(0.5)
     raise AssertionError(f"Serve did not shut down within {timeout_s:.0f}s")
+
+
+def start_serve(bundles: dict, **kwargs) -> str:
+    """serve.local.start on SERVE_PORT, after any earlier application is gone. Once seen here: a
+    controller started right after a slow shutdown died during the first deploy (ActorDiedError);
+    that start is retried once, after waiting for the shutdown again."""
+    from ray.exceptions import RayActorError
+
+    from serve.local import start
+
+    shutdown_serve()  # another module's application, if its shutdown is still under way
+    try:
+        return start(bundles, port=SERVE_PORT, **kwargs)
+    except RayActorError as e:
+        print(f"[tests] Serve controller died during the first deploy ({type(e).__name__}); starting again")
+        shutdown_serve()
+        time.sleep(2)
+        return start(bundles, port=SERVE_PORT, **kwargs)

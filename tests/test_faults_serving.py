@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import ROOT, SERVE_PORT, shutdown_serve
+from conftest import ROOT, shutdown_serve, start_serve
 
 pytestmark = pytest.mark.ray
 
@@ -64,14 +64,10 @@ class Served:
 
     def use(self, key: str, bundles: dict[str, str], overrides: dict[str, dict] | None = None,
             wait: bool = True) -> str:
-        from serve.local import start
-
         if self.current == key:
             return self.url
-        if self.current is not None:
-            shutdown_serve()
         self.current = None
-        self.url = start(bundles, port=SERVE_PORT, config=self.config(overrides or {}), name=APP, wait=wait)
+        self.url = start_serve(bundles, config=self.config(overrides or {}), name=APP, wait=wait)
         self.current = key
         return self.url
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import SERVE_PORT, shutdown_serve
+from conftest import shutdown_serve, start_serve
 
 pytestmark = pytest.mark.ray
 
@@ -93,15 +93,13 @@ def write_figures(figures: dict) -> None:
 
 @pytest.fixture(scope="module")
 def app(trained, gan, tmp_path_factory):
-    from serve.local import start
 
     bundles = {t: str(trained(t)[1]) for t in ("genomic", "exercise", "ultrasound")}
     bundles["genomic-gan"] = str(gan[1])
     token = secrets.token_urlsafe(24)
     tokens = tmp_path_factory.mktemp("auth") / "tokens"
     tokens.write_text(token + "\n")
-    shutdown_serve()  # another module's application, if its shutdown is still under way
-    url = start(bundles, port=SERVE_PORT, config=app_config(str(tokens)))
+    url = start_serve(bundles, config=app_config(str(tokens)))
     served = Served(url, token)
     warm_up(served)
     try:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import SERVE_PORT, shared, shutdown_serve
+from conftest import shared, shutdown_serve, start_serve
 
 pytestmark = pytest.mark.ray
 
@@ -39,7 +39,6 @@ def security_files(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def app(trained, gan, security_files):
     from serve.app import default_config
-    from serve.local import start
 
     bundles = {t: str(trained(t)[1]) for t in ("genomic", "exercise", "ultrasound")}
     bundles["genomic-gan"] = str(gan[1])
@@ -52,8 +51,7 @@ def app(trained, gan, security_files):
             d["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                                        "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2,
                                        "metrics_interval_s": 0.5}
-    shutdown_serve()  # another module's application, if its shutdown is still under way
-    url = start(bundles, port=SERVE_PORT, config=config)
+    url = start_serve(bundles, config=config)
     with httpx.Client(base_url=url, timeout=60, headers=AUTH) as client:
         yield client, bundles
     shutdown_serve()
