@@ -112,7 +112,8 @@ class TokenStore:
             st = self.path.stat()
             text = self.path.read_text()
         except OSError as e:
-            raise MedrayError(f"tokens file {self.path}: cannot read it ({e.strerror})") from None
+            raise MedrayError(f"tokens file {self.path}: cannot read it ({e.strerror}); make one with "
+                              "`medray token > FILE` and pass --tokens-file FILE (or args.auth.tokens_file)") from None
         self._stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         return parse_tokens(text, f"tokens file {self.path}")
 
