@@ -199,6 +199,8 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     p.add_argument("--servers", nargs="+", default=["serve", "plain"])
     p.add_argument("--no-throughput-optimized", action="store_true")
+    p.add_argument("--no-auth", action="store_true", help="Serve without token checks (the audit log stays on) "
+                   "(to measure what they cost; deployments keep them on)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving.md"))
     a = p.parse_args()
     if not shutil.which("wrk"):
@@ -237,7 +239,8 @@ def main() -> None:
             tokens = tmp / "tokens"
             tokens.write_text(TOKEN + "\n")
             servers["serve"] = start(bundle_dirs, port=free_port(), throughput_optimized=not a.no_throughput_optimized,
-                                     tokens_file=str(tokens), audit_log=str(tmp / "audit.jsonl"))
+                                     tokens_file=str(tokens), audit_log=str(tmp / "audit.jsonl"),
+                                     no_auth=a.no_auth)
         for t in a.tasks:
             for n in a.sizes:
                 body_file, ctype, body, _ = bodies[t, n]
