@@ -6,23 +6,17 @@
 Inside a Ray job, RAY_ADDRESS points at the cluster, so the training workers run on its nodes.
 """
 
-import argparse
 import sys
 
+from jobs import spec_argument
 from medray.errors import MedrayError
 from medray.jobs import load_spec, run_spec
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("spec", nargs="?", help="job spec YAML file")
-    p.add_argument("--spec-json", help="the spec inline, as JSON (what `medray submit` sends)")
-    a = p.parse_args(argv)
-    if bool(a.spec) == bool(a.spec_json):
-        p.error("give a spec file or --spec-json (one of them)")
+    source = spec_argument("python -m jobs.train", __doc__, argv)
     try:
-        meta = run_spec(load_spec(a.spec or a.spec_json))
+        meta = run_spec(load_spec(source))
     except MedrayError as e:
         print(f"medray: error: {e}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def write_bundle(out: str | os.PathLike, state_dict: dict, meta: dict) -> Path:
         if out.exists():
             if not (out / META).exists() and any(out.iterdir()):
                 raise BundleError(f"{out}: exists and is not a medray bundle; refusing to replace it")
-            if _exchange(tmp, out):  # one atomic step: `out` is the old or the new bundle, never absent
+            if exchange_paths(tmp, out):  # one atomic step: `out` is the old or the new bundle, never absent
                 shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old bundle
             else:  # no renameat2 here: two renames (a crash between them leaves the old one beside `out`)
                 old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
@@ -82,7 +83,7 @@ def write_bundle(out: str | os.PathLike, state_dict: dict, meta: dict) -> Path:
     return out
 
 
-def _exchange(a: Path, b: Path) -> bool:
+def exchange_paths(a: Path, b: Path) -> bool:
     """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
     import ctypes
     import errno
@@ -142,7 +143,10 @@ class Bundle:
         out = []
         device = self.device
         for i in range(0, len(x), batch_size):
-            xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).to(device, non_blocking=True)
+            with warnings.catch_warnings():  # read-only input (Ray's zero-copy batches): only read here
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size]))
+            xb = xb.to(device, non_blocking=True)
             out.append(torch.softmax(self.model(xb).float(), dim=1).cpu().numpy())
         if not out:
             return np.zeros((0, len(self.labels)), dtype=np.float32)

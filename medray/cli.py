@@ -34,7 +34,7 @@ def _train(args) -> int:
 
 def _evaluate(args) -> int:
     from medray.bundle import load_bundle
-    from medray.inference import evaluate_file
+    from medray.inference import evaluate
 
     bundle = load_bundle(args.bundle)
     if bundle.task == "genomic-gan":
@@ -43,8 +43,15 @@ def _evaluate(args) -> int:
         print(json.dumps(evaluate_gan(bundle, args.data, n=args.n, seed=args.seed, classifier=args.classifier),
                          indent=2))
         return 0
-    print(json.dumps(evaluate_file(bundle, args.data), indent=2))
+    print(json.dumps(evaluate(bundle, args.data, **_inference_options(args)), indent=2))
     return 0
+
+
+def _inference_options(args) -> dict:
+    if args.actors is not None and args.actors < 1 or args.batch_size < 1:
+        raise MedrayError("--actors and --batch-size must be at least 1")
+    return {"skip_bad": args.skip_bad, "engine": args.engine, "address": args.address, "actors": args.actors,
+            "batch_size": args.batch_size, "gpu": args.gpu}
 
 
 def _generate(args) -> int:
@@ -70,13 +77,15 @@ def _generate(args) -> int:
 
 def _predict(args) -> int:
     from medray.bundle import load_bundle
-    from medray.inference import predict_file, prediction_rows, write_predictions
+    from medray.inference import predict
 
     bundle = load_bundle(args.bundle)
-    ds, probs = predict_file(bundle, args.data)
-    write_predictions(prediction_rows(bundle, ds.ids, probs), args.out, sys.stdout)
+    summary = predict(bundle, args.data, args.out, fmt=args.format, **_inference_options(args))
     if args.out:
-        print(f"{len(ds)} predictions written to {args.out}", file=sys.stderr)
+        skipped = (f"; {len(summary['skipped'])} skipped, listed in {summary['skipped_file']}"
+                   if summary["skipped"] else "")
+        print(f"[medray] {summary['rows']} predictions written to {args.out} in {summary['seconds']:.1f} s"
+              f"{skipped}", file=sys.stderr)
     return 0
 
 
@@ -182,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--classifier", help="genomic-gan (conditional): a genomic classifier bundle to label the "
                    "generated sequences with")
+    _inference_arguments(e)
     e.set_defaults(func=_evaluate)
 
     g = sub.add_parser("generate", help="sample DNA sequences from a genomic-gan bundle (FASTA)")
@@ -192,10 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="FASTA file (default: stdout)")
     g.set_defaults(func=_generate)
 
-    pr = sub.add_parser("predict", help="predictions of a bundle, one row per input (CSV or .jsonl)")
+    pr = sub.add_parser("predict", help="predictions of a bundle, one row per input (Parquet, CSV or JSON Lines)")
     pr.add_argument("bundle")
-    pr.add_argument("--data", required=True)
-    pr.add_argument("--out", help="output file (.csv or .jsonl); default CSV on stdout")
+    pr.add_argument("--data", required=True, help="what training reads: a path or a URI (s3://, gs://)")
+    pr.add_argument("--out", help="a file (.parquet, .csv, .jsonl) or a folder of parts (a path or URI without a "
+                    "suffix, written in parallel); default: CSV on stdout")
+    pr.add_argument("--format", choices=["parquet", "csv", "json"], help="format of a folder output (default parquet)")
+    _inference_arguments(pr)
     pr.set_defaults(func=_predict)
 
     s = sub.add_parser("serve", help="serve bundles over HTTP with Ray Serve (one deployment per bundle)")
@@ -242,6 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="smaller data (for tests)")
     d.set_defaults(func=_demo)
     return p
+
+
+def _inference_arguments(p) -> None:
+    p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images, malformed rows and bad "
+                   "sequences (listed in NAME.skipped.txt beside the output) instead of failing on them")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS; small local data is scored in "
+                   "this process, the rest on a local Ray instance)")
+    p.add_argument("--actors", type=int, help="predictor actors, each holding the model once (default: one per "
+                   "GPU with --gpu, else one per 4 CPUs of the cluster)")
+    p.add_argument("--batch-size", type=int, default=256, help="inputs per forward pass (default 256)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per predictor actor")
+    p.add_argument("--engine", choices=["auto", "local", "ray"], default="auto",
+                   help="auto (default): in this process for small local data, else Ray Data")
 
 
 def main(argv=None) -> int:

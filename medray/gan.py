@@ -28,13 +28,14 @@ import torch
 from torch import nn
 
 from medray.bundle import Bundle, write_bundle
-from medray.data.dataset import BadItemsError, skipped_summary, skipped_warning
-from medray.data.genomic import BASES, read_genomic
+from medray.data import pipeline
+from medray.data.dataset import skipped_summary, skipped_warning
+from medray.data.genomic import BASES, read_genomic, sequence_hash
 from medray.data.location import localize
 from medray.errors import DataError, MedrayError
 from medray.models import DNACritic, DNAGenerator
 from medray.preprocessing import SequenceEncoder
-from medray.train import STATE, write_checkpoint_files
+from medray.train_common import STATE, ShardFeed, gather, resolve_run_storage, run_trainer, write_checkpoint_files
 
 TASK = "genomic-gan"
 
@@ -67,8 +68,6 @@ def _broadcast(module: nn.Module) -> None:
 def gan_loop_per_worker(config: dict):
     import ray.train
 
-    from medray.train import _gather
-
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.manual_seed(config["seed"])  # same initial weights on every worker (then broadcast anyway)
@@ -90,11 +89,11 @@ def gan_loop_per_worker(config: dict):
         start, history = state["epoch"] + 1, state["history"]
     _broadcast(gen)
     _broadcast(critic)
-    shard = ray.train.get_dataset_shard("train")
     # this worker's shard, read once (sequences are small); batches are drawn from it at random
-    rows = list(shard.iter_torch_batches(batch_size=4096, device=device))
-    xs = torch.cat([r["x"] for r in rows]).float()
-    ys = torch.cat([r["y"] for r in rows]).long()
+    feed = ShardFeed(ray.train.get_dataset_shard("train"), batch_size=config["batch_size"], device=device,
+                     cache=True, shuffle=False, seed=config["seed"])
+    xs, ys = feed.rows()
+    xs, ys = xs.float(), ys.long()
     rng = torch.Generator(device="cpu").manual_seed(config["seed"] * 1000 + rank)
     for epoch in range(start, config["epochs"] + 1):
         t0 = time.time()
@@ -125,7 +124,7 @@ def gan_loop_per_worker(config: dict):
                 _allreduce_grads(gen)
                 opt_g.step()
                 g_losses.append(float(loss_g.detach()))
-        parts = _gather((step, float(np.mean(c_losses)) if c_losses else 0.0,
+        parts = gather((step, float(np.mean(c_losses)) if c_losses else 0.0,
                          float(np.mean(g_losses)) if g_losses else 0.0, float(np.mean(gps)) if gps else 0.0,
                          ray.get_runtime_context().get_node_id(), len(xs)))
         metrics = {"epoch": epoch, "critic_loss": round(float(np.mean([p[1] for p in parts])), 5),
@@ -243,8 +242,7 @@ def random_like(reference: list[str], n: int, length: int, seed: int) -> list[st
     return [row.tobytes().decode() for row in np.frombuffer(BASES.encode(), dtype=np.uint8)[idx]]
 
 
-def _hash(seq: str) -> str:
-    return hashlib.sha256(seq.encode()).hexdigest()[:20]
+_hash = sequence_hash
 
 
 def compare(generated: list[str], reference: list[str], length: int, train_hashes: set | None = None) -> dict:
@@ -319,59 +317,43 @@ def train_gan(data: str, out: str, *, epochs: int = 24, batch_size: int = 32, lr
               steps_per_epoch: int = 500,
               max_failures: int = 2, address: str | None = None, placement_strategy: str = "PACK",
               skip_bad: bool = False, log=print, **_ignored) -> dict:
-    from medray.train import _fingerprint, _to_ray_dataset, fit_to_final_state, resolve_run_storage
+    from medray.ray_runtime import ensure_ray
 
     if epochs < 1 or batch_size < 2 or workers < 1 or lr <= 0:
         raise MedrayError("epochs and workers must be at least 1, batch size at least 2, the learning rate positive")
-    try:
-        ds = read_genomic(localize(data), require_labels=conditional, skip_bad=skip_bad)
-    except BadItemsError as e:
-        raise e.with_skip_hint() from None
-    if skipped_warning(ds):
-        log(f"[medray] {skipped_warning(ds)}")
-    lengths = np.bincount([len(s) for s in ds.inputs])
-    length = int(lengths.argmax())
-    keep = [i for i, s in enumerate(ds.inputs) if len(s) == length]
+    source = pipeline.open_source("genomic", data, require_labels=conditional)
+    ensure_ray(address)
+    keys = pipeline.read_keys(source, skip_bad=skip_bad, require_labels=conditional)  # on the cluster
+    if skipped_warning(keys):
+        log(f"[medray] {skipped_warning(keys)}")
+    lengths = keys.rows["_len"].to_numpy()
+    length = int(np.bincount(lengths).argmax())
+    keep = np.flatnonzero(lengths == length)
     if len(keep) < batch_size * workers:
         raise DataError(f"{data}: {len(keep)} sequences of length {length}; too few for batches of {batch_size} "
                         f"on {workers} worker(s)")
-    seqs = [ds.inputs[i] for i in keep]
-    labels = sorted(set(ds.labels[keep].tolist())) if conditional else []
-    y = np.array([labels.index(ds.labels[i]) for i in keep] if conditional else [0] * len(keep), dtype=np.int64)
+    labels = sorted(set(keys.labels[keep].tolist())) if conditional else []
     enc = SequenceEncoder(length)
-    x = enc.transform(seqs)
     arch = {"name": "dna_generator", "params": {"z_dim": z_dim, "width": 256, "conditional": conditional}}
     recipe = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "n_critic": n_critic, "gp_weight": gp_weight,
               "steps_per_epoch": steps_per_epoch}
-    fingerprint = _fingerprint(x, y, {"labels": labels, "task": TASK})
+    fingerprint = pipeline.fingerprint(keys, {"labels": labels, "task": TASK, "length": length})
     run_key = hashlib.sha256(json.dumps([fingerprint, arch, recipe, seed, workers], sort_keys=True).encode()).hexdigest()
     name = name or f"{TASK}-{run_key[:10]}"
     storage = resolve_run_storage(storage, name, fingerprint, epochs, log)
     rng = np.random.default_rng(seed)
-    reference = [seqs[i] for i in rng.choice(len(seqs), min(2000, len(seqs)), replace=False)]
+    sample = np.sort(rng.choice(keep, min(2000, len(keep)), replace=False))
+    reference = [str(s) for s in pipeline.collect_inputs(source, keys.keys[sample])]
     config = {"length": length, "labels": labels, "conditional": conditional, "generator": arch["params"],
               "seed": seed, "gpu": gpu, "fingerprint": fingerprint, "reference": reference, **recipe}
-    log(f"[medray] {TASK}: {len(seqs)} sequences of length {length} from {data}"
+    log(f"[medray] {TASK}: {len(keep)} sequences of length {length} from {data}"
         f"{' (conditional on ' + ', '.join(labels) + ')' if conditional else ''}; {workers} worker(s) on "
         f"{'GPU' if gpu else 'CPU'}; run {name!r} in {storage}")
-
-    from medray.ray_runtime import ensure_ray
-
-    ensure_ray(address)
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    trainer = TorchTrainer(
-        gan_loop_per_worker, train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu,
-                                               resources_per_worker={"CPU": 1, "GPU": 1} if gpu else {"CPU": 1},
-                                               placement_strategy=placement_strategy),
-        run_config=ray.train.RunConfig(name=name, storage_path=storage,
-                                       failure_config=ray.train.FailureConfig(max_failures=max_failures),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3)),
-        datasets={"train": _to_ray_dataset(x, y, seed, shuffle=True)},
-    )
-    state, seconds = fit_to_final_state(trainer, name)
+    label_index = {c: i for i, c in enumerate(labels)} if conditional else None
+    datasets = {"train": pipeline.dataset(source, keys.keys[keep], enc, label_index, shuffle_seed=seed)}
+    state, seconds = run_trainer(gan_loop_per_worker, config, datasets, name=name, storage=storage, workers=workers,
+                                 gpu=gpu, max_failures=max_failures, placement_strategy=placement_strategy,
+                                 num_to_keep=3)
     meta = {
         "name": Path(out).name, "task": TASK, "model": arch,
         "training": {**recipe, "optimizer": "Adam(0.5, 0.9)", "loss": "WGAN-GP", "seed": seed, "workers": workers,
@@ -379,10 +361,10 @@ def train_gan(data: str, out: str, *, epochs: int = 24, batch_size: int = 32, lr
                      "seconds": seconds},
         "preprocessing": enc.to_dict(), "labels": labels, "input_shape": [4, length],
         "input": {"type": "noise", "z_dim": z_dim, "conditional": conditional, "length": length},
-        "data": {"source": str(data), "sequences": len(seqs), "fingerprint": fingerprint,
-                 **({"skipped": skipped_summary(ds)} if skipped_summary(ds) else {})},
+        "data": {"source": str(data), "sequences": int(len(keep)), "fingerprint": fingerprint,
+                 **({"skipped": skipped_summary(keys)} if skipped_summary(keys) else {})},
         # hashes only (no sequences): enough to measure memorisation without shipping the training data
-        "training_hashes": sorted({_hash(s) for s in seqs}),
+        "training_hashes": sorted(set(keys.rows["_seqhash"].iloc[keep].tolist())),
         "metrics": {"history": state["history"]},
     }
     path = write_bundle(out, state["generator"], meta)

@@ -14,9 +14,18 @@ A job spec is a small YAML file (examples in jobs/specs/):
     group_column: id-prefix
     skip_bad: false                     # true: leave out unreadable images/rows/records
 
-`python -m jobs.train SPEC.yaml` runs it on the cluster it is started in (what `ray job submit`
-and KubeRay's RayJob run); `medray submit SPEC.yaml --address http://HEAD:8265` submits that
-entrypoint through `JobSubmissionClient`, with this checkout as the job's working_dir.
+A **batch-inference** spec names a bundle instead of a task (examples: jobs/specs/predict-*.yaml):
+
+    bundle: /mnt/bundles/ultrasound     # the model bundle (shared storage on a cluster)
+    data: s3://archive/2026-12-01/      # what training reads: a path or a URI
+    out: s3://scores/2026-12-01/        # a folder of Parquet parts (or NAME.parquet/.csv/.jsonl)
+    actors: 4                           # optional: predictor actors, batch_size, gpu, format,
+    skip_bad: true                      #   skip_bad (bad items listed in NAME.skipped.txt)
+
+`python -m jobs.train SPEC.yaml` / `python -m jobs.predict SPEC.yaml` run a spec on the cluster
+they are started in (what `ray job submit` and KubeRay's RayJob run); `medray submit SPEC.yaml
+--address http://HEAD:8265` submits the matching entrypoint through `JobSubmissionClient`, with
+this checkout as the job's working_dir.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import asyncio
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -40,6 +50,12 @@ SPEC_KEYS = {
     "group_column": (str, False), "label_column": (str, False), "max_failures": (int, False),
     "placement_strategy": (str, False), "skip_bad": (bool, False), "runtime_env": (dict, False),
 }
+PREDICT_KEYS = {
+    "bundle": (str, True), "data": (str, True), "out": (str, True), "format": (str, False),
+    "actors": (int, False), "batch_size": (int, False), "gpu": (bool, False), "skip_bad": (bool, False),
+    "runtime_env": (dict, False),
+}
+AGENT_WAIT_S = 60
 # Not uploaded with the working_dir (Ray refuses packages over 100 MiB; none of these are code).
 EXCLUDES = [".venv", ".git", ".medray-demo", "runs", "bundles", "**/__pycache__", "*.egg-info", "benchmarks/results"]
 
@@ -57,10 +73,11 @@ def load_spec(source: str | dict) -> dict:
             raise MedrayError(f"{where}: not valid YAML: {e}") from None
         if not isinstance(spec, dict):
             raise MedrayError(f"{where}: expected a mapping of settings (is the path right?)")
-    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    keys = PREDICT_KEYS if is_predict(spec) else SPEC_KEYS
+    unknown = sorted(set(spec) - set(keys))
     if unknown:
-        raise MedrayError(f"{where}: unknown setting(s) {unknown} (known: {', '.join(SPEC_KEYS)})")
-    for key, (kind, required) in SPEC_KEYS.items():
+        raise MedrayError(f"{where}: unknown setting(s) {unknown} (known: {', '.join(keys)})")
+    for key, (kind, required) in keys.items():
         if key not in spec or spec[key] is None:
             if required:
                 raise MedrayError(f"{where}: missing required setting {key!r}")
@@ -71,13 +88,22 @@ def load_spec(source: str | dict) -> dict:
             value = spec[key] = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise MedrayError(f"{where}: {key!r} must be {kind.__name__}, got {value!r}")
+    if is_predict(spec):
+        if spec.get("format") not in (None, "parquet", "csv", "json"):
+            raise MedrayError(f"{where}: 'format' must be parquet, csv or json, got {spec['format']!r}")
+        return spec
     if spec["task"] not in TASKS:
         raise MedrayError(f"{where}: task {spec['task']!r} is not one of {', '.join(TASKS)}")
     return spec
 
 
+def is_predict(spec: dict) -> bool:
+    """A batch-inference spec (it names a bundle) rather than a training one (it names a task)."""
+    return "bundle" in spec and "task" not in spec
+
+
 def run_spec(spec: dict) -> dict:
-    """Run a spec's training on the Ray cluster this process belongs to (or a local one)."""
+    """Run a training spec on the Ray cluster this process belongs to (or a local one)."""
     from medray.train import train
 
     spec = load_spec(spec)
@@ -85,9 +111,22 @@ def run_spec(spec: dict) -> dict:
     return train(spec["task"], spec["data"], spec["out"], **kwargs)
 
 
+def run_predict_spec(spec: dict) -> dict:
+    """Run a batch-inference spec on the Ray cluster this process belongs to (always on Ray
+    Data, whatever the input's size: a job is for the cluster)."""
+    from medray.bundle import load_bundle
+    from medray.inference import predict
+
+    spec = load_spec(spec)
+    kwargs = {k: spec[k] for k in ("actors", "batch_size", "gpu", "skip_bad") if k in spec}
+    return predict(load_bundle(spec["bundle"]), spec["data"], spec["out"], fmt=spec.get("format"), engine="ray",
+                   **kwargs)
+
+
 def entrypoint(spec: dict) -> str:
     """The command a cluster runs for `spec` (the spec travels inline, so it needs no file there)."""
-    return "python -m jobs.train --spec-json " + shlex.quote(json.dumps(spec, sort_keys=True))
+    module = "jobs.predict" if is_predict(spec) else "jobs.train"
+    return f"python -m {module} --spec-json " + shlex.quote(json.dumps(spec, sort_keys=True))
 
 
 def _client(address: str):
@@ -104,7 +143,7 @@ def absolute_paths(spec: dict, base: str | Path = ".") -> dict:
     working_dir, not where it was submitted from); URIs and absolute paths are kept."""
     spec = dict(spec)
     base = Path(base).absolute()
-    for key in ("data", "out", "storage"):
+    for key in ("data", "out", "storage", "bundle"):
         if key in spec and "://" not in spec[key] and not Path(spec[key]).is_absolute():
             spec[key] = str((base / spec[key]).resolve())
     group = spec.get("group_column")
@@ -123,8 +162,18 @@ def submit(spec_path: str, address: str, working_dir: str = ".", pip: list[str] 
         runtime_env["pip"] = list(pip)
     runtime_env.update(spec.pop("runtime_env", {}))
     client = _client(address)
-    return client.submit_job(entrypoint=entrypoint(spec), runtime_env=runtime_env, submission_id=submission_id,
-                             metadata={"medray_task": spec["task"], "medray_out": spec["out"]})
+    # A cluster that has just started answers "No available agent to submit job, please try again
+    # later" until its job agent is up (seen here on a loaded machine): try again, for a minute.
+    deadline = time.time() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint(spec), runtime_env=runtime_env,
+                                     submission_id=submission_id,
+                                     metadata={"medray_task": spec.get("task", "predict"), "medray_out": spec["out"]})
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(2)
 
 
 def follow(address: str, job_id: str, stream=sys.stdout) -> str:

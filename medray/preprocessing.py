@@ -40,6 +40,43 @@ def detect_layout(feature_names: list[str]) -> dict | None:
     return {"channels": channels, "steps": len(steps[channels[0]])}
 
 
+class Moments:
+    """Count, mean and sum of squared deviations (M2) per column, mergeable across blocks (Chan et
+    al.'s parallel update), so statistics fitted on the cluster, a block at a time, are the ones a
+    single pass over all rows would give."""
+
+    def __init__(self, n, mean, m2):
+        self.n = float(n)
+        self.mean = np.asarray(mean, dtype=np.float64)
+        self.m2 = np.asarray(m2, dtype=np.float64)
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> "Moments":
+        """Moments of the columns of a 2-D array."""
+        x = np.asarray(x, dtype=np.float64)
+        mean = x.mean(axis=0) if len(x) else np.zeros(x.shape[1])
+        return cls(len(x), mean, ((x - mean) ** 2).sum(axis=0))
+
+    @classmethod
+    def merge(cls, n, mean, m2) -> "Moments":
+        """One Moments from many: arrays of counts (k,), means (k, d) and M2s (k, d)."""
+        n = np.asarray(n, dtype=np.float64)
+        mean = np.asarray(mean, dtype=np.float64).reshape(len(n), -1)
+        m2 = np.asarray(m2, dtype=np.float64).reshape(len(n), -1)
+        total = n.sum()
+        if total == 0:
+            return cls(0, np.zeros(mean.shape[1]), np.zeros(mean.shape[1]))
+        mu = (n[:, None] * mean).sum(axis=0) / total
+        return cls(total, mu, m2.sum(axis=0) + (n[:, None] * (mean - mu) ** 2).sum(axis=0))
+
+    def to_row(self) -> dict:
+        return {"n": self.n, "mean": self.mean.tolist(), "m2": self.m2.tolist()}
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.m2 / max(self.n, 1.0))
+
+
 class StandardScaler:
     """Feature standardisation (exercise). With `per_channel` and a time-series layout, one
     mean/std per sensor channel (shared over time steps); otherwise one per feature."""
@@ -53,20 +90,32 @@ class StandardScaler:
         self.layout = layout
         self.per_channel = bool(per_channel)
 
-    @classmethod
-    def fit(cls, x: np.ndarray, feature_names, per_channel=False):
+    @staticmethod
+    def moment_columns(x: np.ndarray, feature_names, per_channel=False) -> np.ndarray:
+        """The columns whose moments the scaler is fitted from: the features, or with
+        `per_channel` and a time-series layout, one column per channel (all its time steps)."""
         layout = detect_layout(list(feature_names))
         x = np.asarray(x, dtype=np.float64)
         if per_channel and layout:
             c, t = len(layout["channels"]), layout["steps"]
-            xc = x.reshape(len(x), c, t)
-            mean = np.repeat(xc.mean(axis=(0, 2)), t)
-            std = np.repeat(xc.std(axis=(0, 2)), t)
-        else:
-            per_channel = False
-            mean, std = x.mean(axis=0), x.std(axis=0)
+            return x.reshape(len(x), c, t).transpose(0, 2, 1).reshape(-1, c)
+        return x
+
+    @classmethod
+    def from_moments(cls, moments: Moments, feature_names, per_channel=False):
+        """The scaler fitted on rows whose `moment_columns` have `moments` (merged on the cluster)."""
+        layout = detect_layout(list(feature_names))
+        per_channel = bool(per_channel and layout)
+        mean, std = moments.mean, moments.std
+        if per_channel:
+            mean, std = np.repeat(mean, layout["steps"]), np.repeat(std, layout["steps"])
         std = np.where(std < 1e-8, 1.0, std)
         return cls(feature_names, mean, std, layout, per_channel)
+
+    @classmethod
+    def fit(cls, x: np.ndarray, feature_names, per_channel=False):
+        return cls.from_moments(Moments.of(cls.moment_columns(x, feature_names, per_channel)), feature_names,
+                                per_channel)
 
     @property
     def input_shape(self) -> list[int]:
@@ -99,10 +148,21 @@ class ImageNormalizer:
     def __init__(self, size: int, mean: float, std: float):
         self.size, self.mean, self.std = int(size), float(mean), float(std)
 
+    @staticmethod
+    def moments(images: np.ndarray) -> Moments:
+        """Per-image moments of the [0, 1] pixel values: (n images) rows of n, mean, M2."""
+        x = np.asarray(images, dtype=np.float64).reshape(len(images), -1) / 255.0
+        mean = x.mean(axis=1)
+        return Moments(x.shape[1], mean, ((x - mean[:, None]) ** 2).sum(axis=1))
+
+    @classmethod
+    def from_moments(cls, moments: Moments, size: int):
+        return cls(size, float(moments.mean[0]), max(float(moments.std[0]), 1e-6))
+
     @classmethod
     def fit(cls, images: np.ndarray, size: int):
-        x = np.asarray(images, dtype=np.float64) / 255.0
-        return cls(size, x.mean(), max(float(x.std()), 1e-6))
+        m = cls.moments(images)
+        return cls.from_moments(Moments.merge(np.full(len(images), m.n), m.mean, m.m2), size)
 
     @property
     def input_shape(self) -> list[int]:
@@ -131,12 +191,13 @@ class SequenceEncoder:
     padded with zeros or centre-cropped to the `length` fixed at training time."""
 
     kind = "sequence_encoder"
+    MAX_LENGTH = 10_000
 
     def __init__(self, length: int):
         self.length = int(length)
 
     @classmethod
-    def fit(cls, sequences: list[str], max_length: int = 10_000):
+    def fit(cls, sequences: list[str], max_length: int = MAX_LENGTH):
         return cls(min(max(len(s) for s in sequences), max_length))
 
     @property

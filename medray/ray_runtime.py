@@ -14,6 +14,7 @@ import logging
 import os
 
 LOCAL_MIN_CPUS = 8
+TRAIN_POLL_S = 0.2
 
 
 def local_num_cpus() -> int:
@@ -32,7 +33,12 @@ def ensure_ray(address: str | None = None, quiet: bool = True):
         configure_logging=True,
         log_to_driver=True,
         # Workers must import medray: the installed package, or this checkout when run from it.
-        runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}},
+        runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1",
+                                  # the Train controller collects each epoch's report when it polls the
+                                  # workers (every 2 s by default) and a worker's next report waits for
+                                  # that: with epochs of a fraction of a second, 2 s per epoch
+                                  "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get(
+                                      "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_S))}},
     )
     if address:
         ray.init(address=address, **kwargs)

@@ -18,7 +18,7 @@ from medray.data.exercise import read_exercise
 from medray.data.genomic import read_genomic
 from medray.data.ultrasound import read_ultrasound
 from medray.errors import MedrayError
-from medray.preprocessing import ImageNormalizer, SequenceEncoder, StandardScaler
+from medray.preprocessing import ImageNormalizer, Moments, SequenceEncoder, StandardScaler
 
 TASKS = ("exercise", "ultrasound", "genomic")  # classifiers
 SERVED_TASKS = (*TASKS, "genomic-gan")  # what a bundle can be, and what serving deploys
@@ -51,22 +51,33 @@ def read_training_data(task: str, path: str, *, preset: dict, label_column=None,
         raise e.with_skip_hint() from None
 
 
-def fit_preprocessor(task: str, train: Dataset, preset: dict):
+def fit_preprocessor(task: str, source, keys, train_idx: np.ndarray, preset: dict):
+    """The task's preprocessor fitted on the training rows `train_idx` of a scanned key table
+    (`medray.data.pipeline`): image moments and sequence lengths come with the scan; feature
+    moments are aggregated on the cluster, one partial per block."""
+    from medray.data.pipeline import fit_table_moments
+
+    rows = keys.rows.iloc[train_idx]
     if task == "exercise":
-        return StandardScaler.fit(train.inputs, train.meta["feature_names"], **preset["preprocessing"])
+        per_channel = preset["preprocessing"].get("per_channel", False)
+        moments = fit_table_moments(source, keys.keys[train_idx], per_channel)
+        return StandardScaler.from_moments(moments, source.feature_names, per_channel)
     if task == "ultrasound":
-        return ImageNormalizer.fit(train.inputs, size=preset["preprocessing"].get("size", 128))
-    return SequenceEncoder.fit(train.inputs)
+        moments = Moments.merge(rows["_n"].to_numpy(), rows["_mean"].to_numpy(), rows["_m2"].to_numpy())
+        return ImageNormalizer.from_moments(moments, size=preset["preprocessing"].get("size", 128))
+    return SequenceEncoder(min(int(rows["_len"].max()), SequenceEncoder.MAX_LENGTH))
 
 
-def read_for_model(task: str, path: str, preprocessor, *, label_column=None, require_labels=False) -> Dataset:
-    """Read inference/evaluation data the way the bundle's preprocessor expects it."""
+def read_for_model(task: str, path: str, preprocessor, *, label_column=None, require_labels=False,
+                   skip_bad: bool = False) -> Dataset:
+    """Read inference/evaluation data the way the bundle's preprocessor expects it (in this
+    process: `medray.batch_inference` reads large or remote data on the cluster instead)."""
     if task == "exercise":
         return read_exercise(path, feature_names=preprocessor.feature_names, label_column=label_column,
-                             require_labels=require_labels)
+                             require_labels=require_labels, skip_bad=skip_bad)
     if task == "ultrasound":
-        return read_ultrasound(path, size=preprocessor.size, require_labels=require_labels)
-    return read_genomic(path, require_labels=require_labels)
+        return read_ultrasound(path, size=preprocessor.size, require_labels=require_labels, skip_bad=skip_bad)
+    return read_genomic(path, require_labels=require_labels, skip_bad=skip_bad)
 
 
 def encode_labels(labels: np.ndarray, names: list[str], source: str) -> np.ndarray:

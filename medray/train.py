@@ -10,13 +10,10 @@ Re-running with the same run name and storage path resumes from the latest check
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,25 +21,17 @@ import torch
 
 from medray.augment import augment_batch
 from medray.bundle import write_bundle
+from medray.data import pipeline
+from medray.data.dataset import skipped_summary, skipped_warning
 from medray.errors import DataError, MedrayError
 from medray.metrics import classification_metrics
 from medray.models import build_model
 from medray.split import resolve_groups, split_indices
-from medray.data.dataset import skipped_summary, skipped_warning
-from medray.data.location import localize
-from medray.tasks import encode_labels, fit_preprocessor, load_preset, read_training_data
-
-STATE = "state.pt"
-CHECKPOINT_META = "checkpoint.json"
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's list of registered checkpoints
-DEFAULT_STORAGE = os.environ.get("MEDRAY_STORAGE", os.path.expanduser("~/medray-runs"))
-
+from medray.tasks import encode_labels, fit_preprocessor, load_preset
+from medray.train_common import (STATE, ShardFeed, fits_in_worker_memory, gather, resolve_run_storage, run_trainer,
+                                 unwrap, write_checkpoint_files)
 
 # ----------------------------------------------------------------------------- worker side
-def _unwrap(model):
-    return model.module if hasattr(model, "module") else model
-
-
 def _amp_settings(device: torch.device):
     """Mixed precision on GPU (bf16 where supported, else fp16 with loss scaling); none on CPU."""
     if device.type != "cuda":
@@ -50,16 +39,6 @@ def _amp_settings(device: torch.device):
     if torch.cuda.is_bf16_supported():
         return torch.bfloat16, False
     return torch.float16, True
-
-
-def _gather(obj):
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def train_loop_per_worker(config: dict):
@@ -106,17 +85,20 @@ def train_loop_per_worker(config: dict):
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device) if config["class_weights"] else None
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
     bs = config["batch_size"]
+    feed = ShardFeed(ray.train.get_dataset_shard("train"), batch_size=bs, device=device, cache=config["cache"],
+                     shuffle=True, seed=config["seed"] * 1000 + rank, input_shape=config["input_shape"])
+    val_feed = ShardFeed(ray.train.get_dataset_shard("val"), batch_size=256, device=device, cache=config["cache"],
+                         shuffle=False, seed=0, input_shape=config["input_shape"])
 
     for epoch in range(start_epoch, config["epochs"] + 1):
         t0 = time.time()
         model.train()
-        rows, loss_sum = 0, 0.0
-        for batch in train_shard.iter_torch_batches(batch_size=bs, device=device, local_shuffle_buffer_size=4 * bs,
-                                                    local_shuffle_seed=config["seed"] + epoch * 7919 + rank):
-            x, y = batch["x"], batch["y"]
+        rows, loss_sum, steps, first_step_s = 0, 0.0, 0, None
+        for x, y in feed.epoch(epoch):
+            steps += 1
+            if first_step_s is None:
+                first_step_s = time.time() - t0
             x = augment_batch(x, config["augment"], config["input_shape"], gen)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = loss_fn(model(x), y)
@@ -129,19 +111,21 @@ def train_loop_per_worker(config: dict):
             rows += len(y)
             loss_sum += float(loss.detach()) * len(y)
 
+        train_s, train_wait = time.time() - t0, feed.wait_s
         model.eval()
         probs, ys, val_loss = [], [], 0.0
         with torch.inference_mode():
-            for batch in val_shard.iter_torch_batches(batch_size=256, device=device):
+            for vx, vy in val_feed.epoch(epoch):
                 with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = model(batch["x"]).float()
-                val_loss += float(torch.nn.functional.cross_entropy(logits, batch["y"], reduction="sum"))
+                    logits = model(vx).float()
+                val_loss += float(torch.nn.functional.cross_entropy(logits, vy, reduction="sum"))
                 probs.append(torch.softmax(logits, 1).cpu().numpy())
-                ys.append(batch["y"].cpu().numpy())
+                ys.append(vy.cpu().numpy())
         k = config["n_classes"]
         mine = (np.concatenate(probs) if probs else np.zeros((0, k)), np.concatenate(ys) if ys else np.zeros(0, int),
-                rows, loss_sum, val_loss, ray.get_runtime_context().get_node_id())
-        parts = _gather(mine)
+                rows, loss_sum, val_loss, ray.get_runtime_context().get_node_id(), train_wait, train_s, steps,
+                first_step_s or 0.0)
+        parts = gather(mine)
         p_all = np.concatenate([p[0] for p in parts])
         y_all = np.concatenate([p[1] for p in parts])
         rows_per_worker = [int(p[2]) for p in parts]
@@ -160,6 +144,12 @@ def train_loop_per_worker(config: dict):
             "val_rows": int(len(y_all)),
             "world_size": world,
             "seconds": round(time.time() - t0, 2),
+            "train_seconds": round(max(p[7] for p in parts), 3),
+            "steps": int(parts[0][8]),
+            "started_at": round(t0, 3),  # wall clock (benchmarks: seconds from the command to the first step)
+            "first_step_s": round(max(p[9] for p in parts), 3),
+            # share of the training steps' wall time spent waiting for the next batch (slowest worker)
+            "data_wait_share": round(max(p[6] / max(p[7], 1e-9) for p in parts), 4),
             "attempt": attempt,
             "resumed_from_epoch": resumed_from if epoch == start_epoch else None,
         }
@@ -169,7 +159,7 @@ def train_loop_per_worker(config: dict):
             if rank == 0:
                 write_checkpoint_files(tmp, {
                     "epoch": epoch,
-                    "model": _unwrap(model).state_dict(),
+                    "model": unwrap(model).state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "total_steps": total_steps,
@@ -187,127 +177,6 @@ def train_loop_per_worker(config: dict):
 
 def _fmt(v):
     return "-" if v is None else f"{v:.3f}"
-
-
-def write_checkpoint_files(directory, state: dict, meta: dict) -> None:
-    """state.pt, then checkpoint.json recording its size and sha256 (see `_verified_checkpoint_meta`).
-
-    Ray Train copies the directory to storage file by file, in no set order, and lists a checkpoint
-    in its run snapshot (what `ray.train.get_checkpoint()` hands back on resume) only after the copy
-    finished; a copy cut short leaves a `checkpoint_*` folder that Ray ignores but that a glob sees."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getvalue()
-    Path(directory, STATE).write_bytes(data)
-    meta = dict(meta, state_bytes=len(data), state_sha256=hashlib.sha256(data).hexdigest())
-    Path(directory, CHECKPOINT_META).write_text(json.dumps(meta))
-
-
-# ----------------------------------------------------------------------------- driver side
-def _fingerprint(x: np.ndarray, y: np.ndarray, extra: dict) -> str:
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(x).tobytes())
-    h.update(np.ascontiguousarray(y).tobytes())
-    h.update(json.dumps(extra, sort_keys=True).encode())
-    return h.hexdigest()
-
-
-def _verified_checkpoint_meta(ckpt_dir: Path) -> dict | None:
-    """checkpoint.json of a complete checkpoint folder; None for a partial or damaged one (no or
-    unreadable checkpoint.json, no state.pt, state.pt of another size or hash than recorded).
-    Checkpoints written before sizes were recorded (and the GAN's) pass when state.pt is a whole
-    zip archive (what torch.save writes; a truncated one loses its end-of-archive record)."""
-    try:
-        meta = json.loads((ckpt_dir / CHECKPOINT_META).read_text())
-        state = ckpt_dir / STATE
-        if not isinstance(meta, dict) or not isinstance(meta.get("epoch"), int) or not state.is_file():
-            return None
-        if "state_bytes" not in meta:
-            return meta if zipfile.is_zipfile(state) else None
-        if state.stat().st_size != meta["state_bytes"]:
-            return None
-        h = hashlib.sha256()
-        with open(state, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return meta if h.hexdigest() == meta.get("state_sha256") else None
-    except (OSError, ValueError):
-        return None
-
-
-def _registered_checkpoints(run_dir: Path) -> set[str] | None:
-    """Names of the checkpoint folders Ray Train lists in its run snapshot: the ones it resumes
-    from. A folder can be complete on disk and still missing there (the run died after the copy,
-    before the controller registered it); Ray then resumes from the one before. None: no snapshot
-    (or an unreadable one)."""
-    try:
-        snap = json.loads((run_dir / RAY_SNAPSHOT).read_text())
-        results = [*snap.get("checkpoint_results", []), snap.get("latest_checkpoint_result") or {}]
-        return {r["checkpoint_dir_name"] for r in results if r.get("checkpoint_dir_name")}
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        return None
-
-
-def _latest_local_checkpoint(run_dir: Path) -> dict | None:
-    """checkpoint.json of the newest complete checkpoint under `run_dir` that Ray would resume from
-    (partial folders and ones Ray never registered are skipped)."""
-    if not run_dir.is_dir():
-        return None
-    registered = _registered_checkpoints(run_dir)
-    metas = []
-    for meta in run_dir.glob("checkpoint_*/" + CHECKPOINT_META):
-        if registered is not None and meta.parent.name not in registered:
-            continue
-        try:
-            epoch = json.loads(meta.read_text())["epoch"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if isinstance(epoch, int):
-            metas.append((epoch, meta.parent))
-    for _, ckpt_dir in sorted(metas, key=lambda m: m[0], reverse=True):  # hash only until one passes
-        verified = _verified_checkpoint_meta(ckpt_dir)
-        if verified is not None:
-            return verified
-    return None
-
-
-def resolve_run_storage(storage: str | None, name: str, fingerprint: str, epochs: int, log=print) -> str:
-    """The storage path of run `name` (absolute when local). A local run of that name trained on
-    other data is refused; one that already has `epochs` epochs just writes its bundle again."""
-    storage = storage or DEFAULT_STORAGE
-    if "://" in storage:
-        return storage
-    storage = str(Path(storage).expanduser().absolute())
-    previous = _latest_local_checkpoint(Path(storage) / name)
-    if previous and previous["fingerprint"] != fingerprint:
-        raise MedrayError(f"run {name!r} in {storage} was trained on different data or preprocessing; "
-                          "pass another --name (or remove that run) to start a new one")
-    if previous and previous["epoch"] >= epochs:
-        log(f"[medray] run {name!r} already has {previous['epoch']} epochs; writing its bundle")
-    return storage
-
-
-def fit_to_final_state(trainer, name: str) -> tuple[dict, float]:
-    """Run a TorchTrainer; the state saved in its final checkpoint and the seconds it took."""
-    started = time.time()
-    result = trainer.fit()
-    if result.error:
-        raise MedrayError(f"training failed: {result.error}")
-    if result.checkpoint is None:
-        raise MedrayError(f"training run {name!r} produced no checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=False)
-    return state, round(time.time() - started, 1)
-
-
-def _to_ray_dataset(x: np.ndarray, y: np.ndarray, seed: int, shuffle: bool):
-    """Rows as a Ray Dataset. Training rows are permuted first (files are often sorted by class,
-    and a local shuffle buffer alone would then feed single-class batches); workers add a local
-    shuffle buffer on top, reseeded every epoch."""
-    import ray.data
-
-    order = np.random.default_rng(seed).permutation(len(y)) if shuffle else np.arange(len(y))
-    return ray.data.from_items([{"x": x[i], "y": int(y[i])} for i in order])
 
 
 def train(
@@ -343,25 +212,30 @@ def train(
     if recipe["epochs"] < 1 or recipe["batch_size"] < 1 or recipe["lr"] <= 0 or workers < 1:
         raise MedrayError("epochs, batch size and workers must be at least 1 and the learning rate positive")
 
-    exclude = (group_column,) if group_column and ":" not in group_column else ()
-    data = localize(data)
-    ds = read_training_data(task, data, preset=preset, label_column=label_column, exclude=exclude,
-                            skip_bad=skip_bad)
-    if skipped_warning(ds):
-        log(f"[medray] {skipped_warning(ds)}")
-    if ds.labels is None:
+    from medray.ray_runtime import ensure_ray
+
+    size = preset["preprocessing"].get("size", 128)
+    source = pipeline.open_source(task, data, size=size, label_column=label_column, group_column=group_column)
+    phases, t_phase = {}, time.time()
+    ensure_ray(address)
+    phases["ray_init_s"], t_phase = round(time.time() - t_phase, 2), time.time()
+    keys = pipeline.read_keys(source, skip_bad=skip_bad)  # every item read and checked on the cluster
+    phases["scan_s"], t_phase = round(time.time() - t_phase, 2), time.time()
+    log(f"[medray] read and checked {len(keys)} items in {phases['scan_s']} s on {len(keys.nodes)} node(s)")
+    if skipped_warning(keys):
+        log(f"[medray] {skipped_warning(keys)}")
+    if keys.labels is None:
         raise DataError(f"{data}: no labels found")
-    labels = sorted(set(ds.labels.tolist()))
+    labels = sorted(set(keys.labels.tolist()))
     if len(labels) < 2:
         raise DataError(f"{data}: only one class ({labels[0]!r}) in the labels; at least two are needed")
-    groups = resolve_groups(group_column, ds)
-    y = encode_labels(ds.labels, labels, data)
-    tr_idx, va_idx = split_indices(ds.labels, groups, val_fraction, seed)
-    train_ds, val_ds = ds.take(tr_idx), ds.take(va_idx)
+    groups = resolve_groups(group_column, keys)
+    y = encode_labels(keys.labels, labels, data)
+    tr_idx, va_idx = split_indices(keys.labels, groups, val_fraction, seed)
     if len(set(y[tr_idx])) < 2:
         raise DataError(f"{data}: the training split holds a single class; add data or change the split")
-    prep = fit_preprocessor(task, train_ds, preset)
-    x_tr, x_va = prep.transform(train_ds.inputs), prep.transform(val_ds.inputs)
+    prep = fit_preprocessor(task, source, keys, tr_idx, preset)  # streaming aggregates on the training rows
+    phases["split_fit_s"] = round(time.time() - t_phase, 2)
     y_tr, y_va = y[tr_idx], y[va_idx]
     counts = np.bincount(y_tr, minlength=len(labels))
     class_weights = None
@@ -369,7 +243,11 @@ def train(
         class_weights = (len(y_tr) / (len(labels) * np.maximum(counts, 1))).round(6).tolist()
 
     arch = {"name": preset["name"], "params": preset.get("params", {})}
-    fingerprint = _fingerprint(x_tr, y_tr, {"labels": labels, "val": hashlib.sha256(x_va.tobytes()).hexdigest()})
+    tr_keys, va_keys = keys.keys[tr_idx], keys.keys[va_idx]
+    fingerprint = pipeline.fingerprint(keys, {
+        "labels": labels, "preprocessing": preset.get("preprocessing", {}), "task": task,
+        "val": hashlib.sha256(np.sort(va_keys).tobytes()).hexdigest(),
+        "features": source.feature_names})
     run_key = hashlib.sha256(json.dumps([fingerprint, arch, recipe, seed, workers], sort_keys=True).encode()).hexdigest()
     name = name or f"{task}-{preset['name']}-{run_key[:10]}"
     storage = resolve_run_storage(storage, name, fingerprint, recipe["epochs"], log)
@@ -381,33 +259,18 @@ def train(
         "epochs": recipe["epochs"], "batch_size": recipe["batch_size"], "lr": recipe["lr"],
         "weight_decay": recipe.get("weight_decay", 0.0), "augment": recipe.get("augment") or {},
         "class_weights": class_weights, "seed": seed, "fingerprint": fingerprint, "steps_per_epoch": steps_per_epoch,
+        "cache": fits_in_worker_memory(-(-len(keys) // workers), prep.input_shape),
     }
-    log(f"[medray] {task}: {len(ds)} rows from {data} → train {len(y_tr)} / validation {len(y_va)} "
+    log(f"[medray] {task}: {len(keys)} rows from {data} → train {len(y_tr)} / validation {len(y_va)} "
         f"({'grouped by ' + group_column if groups is not None else 'stratified'}); model {preset['name']}; "
-        f"{workers} worker(s) on {'GPU' if gpu else 'CPU'}; run {name!r} in {storage}")
+        f"{workers} worker(s) on {'GPU' if gpu else 'CPU'}; "
+        f"{'shards cached in the workers' if config['cache'] else 'streaming every epoch'}; run {name!r} in {storage}")
 
-    from medray.ray_runtime import ensure_ray
-
-    ensure_ray(address)
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    resources = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources,
-                                               placement_strategy=placement_strategy),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
-        ),
-        datasets={"train": _to_ray_dataset(x_tr, y_tr, seed, shuffle=True),
-                  "val": _to_ray_dataset(x_va, y_va, seed, shuffle=False)},
-    )
-    state, seconds = fit_to_final_state(trainer, name)
+    label_index = {c: i for i, c in enumerate(labels)}
+    datasets = {"train": pipeline.dataset(source, tr_keys, prep, label_index, shuffle_seed=seed),
+                "val": pipeline.dataset(source, va_keys, prep, label_index)}
+    state, seconds = run_trainer(train_loop_per_worker, config, datasets, name=name, storage=storage, workers=workers,
+                                 gpu=gpu, max_failures=max_failures, placement_strategy=placement_strategy)
     meta = {
         "name": Path(out).name,
         "task": task,
@@ -415,17 +278,17 @@ def train(
         "training": {**{k: config[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "augment", "class_weights")},
                      "optimizer": "AdamW", "schedule": "cosine per step", "seed": seed, "workers": workers, "gpu": gpu,
                      "epochs_trained": state["epoch"], "run_name": name, "storage_path": storage,
-                     "seconds": seconds},
+                     "seconds": seconds, "phases": phases},
         "preprocessing": prep.to_dict(),
         "labels": labels,
-        "label_column": ds.meta.get("label_column"),
+        "label_column": source.label_column if task == "exercise" else None,
         "input_shape": prep.input_shape,
         "input": _input_spec(task, prep),
-        "data": {"source": str(data), "rows": len(ds), "train_rows": int(len(y_tr)), "val_rows": int(len(y_va)),
+        "data": {"source": str(data), "rows": len(keys), "train_rows": int(len(y_tr)), "val_rows": int(len(y_va)),
                  "class_counts_train": dict(zip(labels, counts.tolist())),
                  "split": {"val_fraction": val_fraction, "group_column": group_column, "seed": seed},
-                 "fingerprint": fingerprint,
-                 **({"skipped": skipped_summary(ds)} if skipped_summary(ds) else {})},
+                 "fingerprint": fingerprint, "read_on_nodes": len(keys.nodes),
+                 **({"skipped": skipped_summary(keys)} if skipped_summary(keys) else {})},
         "metrics": {"validation": state["val_metrics"], "history": state["history"]},
     }
     path = write_bundle(out, state["model"], meta)

@@ -353,17 +353,49 @@ def _openapi() -> dict:
 api.openapi = _openapi
 
 
-def _json(payload, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(orjson.dumps(payload), status_code=status, media_type="application/json", headers=headers)
+def _json(payload, status: int = 200, headers: dict | None = None, response: type[Response] = Response) -> Response:
+    return response(orjson.dumps(payload), status_code=status, media_type="application/json", headers=headers)
 
 
-def _error(status: int, code: str, detail: str, headers: dict | None = None) -> Response:
-    return _json({"error": code, "detail": detail}, status, headers)
+def _error(status: int, code: str, detail: str, headers: dict | None = None,
+           response: type[Response] = Response) -> Response:
+    return _json({"error": code, "detail": detail}, status, headers, response)
+
+
+LINGER_MAX_BYTES = 256 * 2**20  # the most of a refused body read and discarded after the 413
+LINGER_IDLE_S = 5.0  # ... waiting at most this long for each next part of it
+
+
+class LingeringResponse(Response):
+    """A refusal sent before the request body is read (413): the answer goes out at once, then
+    the rest of the body is read and discarded (up to LINGER_MAX_BYTES, LINGER_IDLE_S between
+    parts) before the response ends and the connection closes, as nginx's lingering close does.
+    A client that sends its whole body before reading (urllib, requests) gets the 413; closing
+    with its data unread would reset the connection, and the client would never learn why."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body, "more_body": True})
+        # a client that asked `Expect: 100-continue` is not sending its body: nothing to drain
+        drained = 0 if (b"expect", b"100-continue") not in scope.get("headers", []) else LINGER_MAX_BYTES
+        try:
+            while drained < LINGER_MAX_BYTES:
+                message = await asyncio.wait_for(receive(), LINGER_IDLE_S)
+                if message["type"] != "http.request":
+                    break
+                drained += len(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
+        except (TimeoutError, OSError):  # asyncio's timeout is TimeoutError since Python 3.11
+            pass
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 @api.exception_handler(RequestError)
 async def _request_error(request: Request, e: RequestError):
     note(request, outcome=e.code)
+    if e.code == "body_too_large":
+        return _error(e.status, e.code, e.detail, {"Connection": "close"}, response=LingeringResponse)
     return _error(e.status, e.code, e.detail)
 
 

@@ -25,6 +25,47 @@ def throughput_env(port: int) -> dict[str, str]:
                 RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(port + 16))
 
 
+def port_holder(port: int) -> str | None:
+    """Who listens on TCP `port` here: "pid N (command)" from /proc (Linux), "another process"
+    when it is not visible to this user, None when nobody does."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if len(f) > 9 and int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":  # 0A: LISTEN
+                inodes.add(f"socket:[{f[9]}]")
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) in inodes:
+                    cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                    return f"pid {proc.name} ({cmd[:120]})"
+        except OSError:
+            continue
+    return "another process"
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail at once, naming who holds it, when `port` cannot be listened on (before Ray starts:
+    Serve would otherwise bind the next free port of its range, or wait and time out)."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            who = port_holder(port)
+            held = f"in use by {who}" if who else f"not available ({e.strerror})"
+            raise MedrayError(f"port {port} on {host} is {held}: stop that or serve on another port (--port)") \
+                from None
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -67,6 +108,8 @@ def start(bundles: dict[str, str], host: str = "127.0.0.1", port: int = 8000, ad
         args["audit_log"] = audit_log
     proxy_port = port
     local = not (address or os.environ.get("RAY_ADDRESS"))
+    if local:
+        check_port(host, port)
     if throughput_optimized and local:
         for k, v in throughput_env(port).items():
             os.environ.setdefault(k, v)
@@ -89,8 +132,34 @@ def start(bundles: dict[str, str], host: str = "127.0.0.1", port: int = 8000, ad
     serve.run(app, name=name, route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
     if wait:
-        wait_ready(url)
+        try:
+            wait_ready(url)
+        except MedrayError as e:
+            moved = _ingress_elsewhere(host, port) if proxy_port != port else None
+            if moved is None:
+                raise
+            raise MedrayError(f"{e}. Serve's ingress listens on port {moved} instead: port {port} was held by "
+                              f"another socket when it started (direct ingress takes the next free port of "
+                              f"{port}..{port + 16}); free port {port} or serve on another one") from None
     return url
+
+
+def _ingress_elsewhere(host: str, port: int) -> int | None:
+    """The port of the direct-ingress range (port+1..port+16) where /readyz answers, if any."""
+    import urllib.error
+    import urllib.request
+
+    for p in range(port + 1, port + 17):
+        try:
+            with urllib.request.urlopen(f"http://{host}:{p}/readyz", timeout=2) as r:
+                if r.status in (200, 503):
+                    return p
+        except urllib.error.HTTPError as e:
+            if e.code in (200, 503):
+                return p
+        except OSError:
+            continue
+    return None
 
 
 def serve_bundles(bundle_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
@@ -110,10 +179,48 @@ def serve_bundles(bundle_dirs: list[str], host: str = "127.0.0.1", port: int = 8
     url = start(bundles, host, port, address, throughput_optimized, config=config, tokens_file=tokens_file,
                 no_auth=no_auth, audit_log=audit_log)
     print(f"[medray] serving {', '.join(bundles)} at {url}  (API docs: {url}/docs; Ctrl-C stops)", file=sys.stderr)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        from ray import serve
+    why = wait_for_stop()
+    t0 = time.time()
+    stop_serving()
+    print(f"[medray] stopped ({why}) in {time.time() - t0:.1f} s: requests in flight answered, Serve shut down",
+          file=sys.stderr)
 
-        serve.shutdown()
+
+def wait_for_stop() -> str:
+    """Block until SIGTERM (what Kubernetes, systemd and process managers send) or SIGINT
+    (Ctrl-C); returns its name. Python handlers replace the ones Ray's core worker installed
+    (which abort with a stack dump), so a stop is a stop, not a crash."""
+    import signal
+    import threading
+
+    got: list[str] = []
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        got.append(signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+    while not stop.wait(3600):
+        pass
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal during the drain: the default, at once
+        signal.signal(sig, signal.SIG_DFL)
+    return got[0]
+
+
+def stop_serving() -> None:
+    """Stop accepting, let requests in flight finish (each replica's graceful shutdown: up to its
+    deployment's `graceful_shutdown_timeout_s`, Serve's default 20 s), shut Serve and this
+    process's Ray down."""
+    import logging
+
+    import ray
+    from ray import serve
+
+    for name in ("ray", "ray.serve", "ray.data", "ray.train"):  # no shutdown chatter on the console
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        serve.shutdown()  # replicas drain (graceful_shutdown_timeout_s) before they exit
+    finally:
+        ray.shutdown()

@@ -10,13 +10,34 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(span: int = 1) -> int:
+    """A port P on 127.0.0.1 with P..P+span-1 free now, drawn from 20000-29999: outside Linux's
+    ephemeral range (32768-60999), where any outgoing connection made later in the session (Ray's
+    gRPC, a load test) may take a port picked now, and outside Ray's worker ports (10002-19999).
+    Once seen in CI: the serving tests' port, picked from the ephemeral range at import, was held by
+    a client socket 15 minutes later, and Serve's ingress moved to the next port of its range."""
+    import random
+
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 30000 - span)
+        try:
+            for p in range(port, port + span):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port range in 20000-29999 on 127.0.0.1")
 
 
-SERVE_PORT = _free_port()  # the port the serving tests' application listens on (127.0.0.1)
+SERVE_PORT = free_port(span=17)  # the port the serving tests' application listens on (127.0.0.1)
+S3_PORT = free_port()  # the S3-compatible server (moto) of the object-storage tests (127.0.0.1)
+# set before Ray starts, so every Ray worker reads s3:// from that server as a cluster's nodes
+# would from their own object store (pyarrow reads AWS_ENDPOINT_URL and the credentials)
+os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "medray-test",
+                   "AWS_SECRET_ACCESS_KEY": "medray-test", "AWS_DEFAULT_REGION": "us-east-1",
+                   "AWS_EC2_METADATA_DISABLED": "true"})
 SHARED = Path(os.environ.get("MEDRAY_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
@@ -40,6 +61,39 @@ def ray_session():
     ray = ensure_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (moto's standalone server) on 127.0.0.1:S3_PORT; yields a
+    pyarrow S3FileSystem on it. Stopped at the end of the session."""
+    import shutil
+    import subprocess
+    import sys
+    import urllib.request
+
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    if exe is None:
+        pytest.fail("moto_server not installed (it is in the test extra: pip install -e '.[test]')")
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(S3_PORT)], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{S3_PORT}/", timeout=2)
+            break
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"moto_server did not start on port {S3_PORT}")
+            time.sleep(0.3)
+    from pyarrow import fs
+
+    filesystem, _ = fs.FileSystem.from_uri("s3://medray?allow_bucket_creation=true")
+    filesystem.create_dir("medray")
+    yield filesystem
+    proc.terminate()
+    proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

@@ -117,8 +117,8 @@ def test_replacing_a_bundle_is_one_atomic_exchange_on_linux(tmp_path, monkeypatc
         pytest.skip("renameat2 is Linux-only; elsewhere two renames are used")
     path, *_ = _bundle(tmp_path)
     swaps = []
-    real = mb._exchange
-    monkeypatch.setattr(mb, "_exchange", lambda a, b: swaps.append(real(a, b)) or swaps[-1])
+    real = mb.exchange_paths
+    monkeypatch.setattr(mb, "exchange_paths", lambda a, b: swaps.append(real(a, b)) or swaps[-1])
     monkeypatch.setattr(mb.os, "rename", lambda *a: pytest.fail("rename used: a window without a bundle"))
     _bundle(tmp_path, seed=1)
     assert swaps == [True] and sorted(p.name for p in tmp_path.iterdir()) == ["b"]

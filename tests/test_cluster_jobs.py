@@ -4,7 +4,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,16 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import shared
+from conftest import free_port, shared
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -41,22 +34,35 @@ def _alive_nodes(dashboard: str) -> int:
     return sum(1 for n in list_nodes(address=dashboard) if n.state == "ALIVE")
 
 
+GCS = {}  # the running cluster's GCS address, for drivers that connect to it directly
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Head (GCS + dashboard/Jobs API) and one worker node, 3 logical CPUs each; stopped after."""
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "3", "--disable-usage-stats"]
+
+    def own_ports():
+        # each node's agents on ports of their own: with Ray's fixed defaults (52365, …) they
+        # collide with the test session's local instance, and the head's job agent never comes up
+        # ("No available agent to submit job")
+        return ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+                "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+                "--ray-client-server-port", str(free_port())]
+
     logs = tmp_path_factory.mktemp("cluster-logs")
     procs = [subprocess.Popen([RAY, "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
                                "--dashboard-port", str(dash), "--include-dashboard", "true",
-                               "--resources", '{"medray_head": 1}', *common],
+                               "--resources", '{"medray_head": 1}', *common, *own_ports()],
                               env=_env(), start_new_session=True, stdout=open(logs / "head.log", "w"),
                               stderr=subprocess.STDOUT)]
     address = f"http://127.0.0.1:{dash}"
+    GCS["address"] = f"127.0.0.1:{gcs}"
     try:
         _wait(lambda: urllib.request.urlopen(f"{address}/api/version", timeout=2).status == 200, 120, "head node")
         procs.append(subprocess.Popen([RAY, "start", "--address", f"127.0.0.1:{gcs}",
-                                       "--resources", '{"medray_worker": 1}', *common],
+                                       "--resources", '{"medray_worker": 1}', *common, *own_ports()],
                                       env=_env(), start_new_session=True, stdout=open(logs / "worker.log", "w"),
                                       stderr=subprocess.STDOUT))
         _wait(lambda: _alive_nodes(address) == 2, 120, "second node")
@@ -114,6 +120,56 @@ def test_submitted_job_trains_on_both_nodes_and_writes_its_bundle(cluster, submi
     assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
 
 
+_SCAN = """
+import json, sys
+from medray.ray_runtime import ensure_ray
+ensure_ray(sys.argv[1])
+from medray.data import pipeline
+keys = pipeline.read_keys(pipeline.open_source("ultrasound", sys.argv[2]))
+print(json.dumps({"rows": len(keys), "nodes": keys.nodes}))
+"""
+
+
+def test_training_data_is_read_on_both_nodes(cluster):
+    """The scan (decode and check every image) runs as Ray Data tasks spread over the cluster."""
+    r = subprocess.run([sys.executable, "-c", _SCAN, GCS["address"], str(shared("ultrasound", "labels.csv"))],
+                       capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["rows"] == 552 and len(out["nodes"]) == 2, out
+    assert min(out["nodes"].values()) >= 552 // 10, out  # each node read a real share
+
+
+def test_submitted_predict_job_scores_on_both_nodes(cluster, submitted, tmp_path):
+    """A batch-inference spec (`bundle:`), submitted like a training one: the images are read on
+    both nodes and the two predictor actors spread over them; the result is a folder of Parquet
+    parts that appears whole, with _SUCCESS."""
+    import pyarrow.parquet as pq
+    from ray.util.state import list_actors
+
+    _, tmp = submitted
+    assert (tmp / "bundle" / "bundle.json").is_file(), "the submitted job did not write its bundle"
+    data = tmp_path / "night.fasta"  # 5x the public data, so each actor gets real work
+    data.write_text(shared("genomic", "splice.fasta").read_text() * 5)
+    spec = {"bundle": str(tmp / "bundle"), "data": str(data), "out": str(tmp_path / "scores"), "actors": 2,
+            "batch_size": 128}
+    spec_file = tmp_path / "predict.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    r = medray("submit", str(spec_file), "--address", cluster, "--follow")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    job_id = r.stdout.splitlines()[0].strip()
+    assert (tmp_path / "scores" / "_SUCCESS").exists()
+    assert pq.read_table(tmp_path / "scores").num_rows == 5 * 2231
+    logs = medray("jobs", "logs", job_id, "--address", cluster).stdout
+    assert "[medray] job done" in logs and '"engine": "ray"' in logs, logs[-2000:]
+    # Ray Data names its actors after the map they run. Asked through the dashboard's URL: given a
+    # GCS address, the state API points this process's own Ray KV client at that GCS, and once the
+    # cluster is stopped the session's driver exits (status 1, nothing printed) on its next use
+    every = list_actors(address=cluster, detail=True, limit=10000)
+    actors = [a for a in every if "MapBatches(Predictor)" in (a.class_name or "")]
+    assert len({a.node_id for a in actors}) == 2, [(a.class_name, a.node_id, a.state) for a in every]
+
+
 def test_rayservice_serve_config_deploys_on_the_cluster_and_predicts(cluster, submitted, tmp_path):
     """The serveConfigV2 of the rendered RayService (k8s/), deployed with `serve deploy`: only the
     bundle paths, the address it listens on and the tokens file are changed for this machine."""
@@ -129,7 +185,7 @@ def test_rayservice_serve_config_deploys_on_the_cluster_and_predicts(cluster, su
                                                  capture_output=True, text=True, check=True).stdout)
     (service,) = [d for d in rendered if d and d.get("kind") == "RayService"]
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
-    port = _free_port()
+    port = free_port()
     config["http_options"].update(host="127.0.0.1", port=port)
     config["proxy_location"] = "HeadOnly"  # both nodes share this machine (and so the port)
     app = config["applications"][0]

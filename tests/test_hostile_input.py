@@ -411,6 +411,24 @@ def _head(app: Served, method: str, path: str, headers: dict[str, str]) -> bytes
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+def test_a_client_that_sends_its_whole_body_first_gets_the_413_not_a_reset(app):
+    """urllib writes all of a 64 MB body before it reads the answer. The 413 goes out at once and
+    the server reads and discards the rest before closing (nginx's lingering close); closing
+    with the data unread would reset the connection (ConnectionResetError, no status)."""
+    import urllib.error
+    import urllib.request
+
+    body = b'{"sequences": ["' + b"A" * (64 * 2**20) + b'"]}'
+    request = urllib.request.Request(f"{app.url}/v1/genomic/predict", data=body, method="POST",
+                                     headers={**app.headers, "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=120)
+    assert refused.value.code == 413
+    answer = json.loads(refused.value.read())
+    assert answer["error"] == "body_too_large" and str(DEFAULT_BODY_LIMIT) in answer["detail"], answer
+    assert app.client.get("/healthz").status_code == 200  # and the ingress serves on
+
+
 def test_a_100_mb_body_is_refused_early_against_the_default_32_mib_limit(app):
     total, mib = 100 * 1024 * 1024, 1024 * 1024
     block = b" " * mib

@@ -6,7 +6,7 @@
 * the RayService's serveConfigV2 is serve/config.yaml as k8s/render_serve_config.py turns it
   (so an edit to either one without re-running the script fails here);
 * the Serve autoscaler's demand fits what the Ray autoscaler may add (worker maxReplicas);
-* the training RayJobs: lifetimes, entrypoints the real `medray` parser accepts, bundles written
+* the training and nightly-scoring RayJobs: lifetimes, entrypoints the real `medray` parser accepts, bundles written
   where the RayService reads them; prod on GPUs, dev without;
 * every container non-root, no privilege escalation, no capabilities, read-only root with /tmp.
 
@@ -264,7 +264,7 @@ def test_an_edit_to_serve_config_yaml_alone_is_caught(tmp_path):
 
 EXPECTED_KINDS = {
     "base": {"Namespace": 1, "ServiceAccount": 1, "Secret": 1, "PersistentVolumeClaim": 1, "NetworkPolicy": 1,
-             "Ingress": 1, "RayCluster": 1, "RayJob": 4, "RayService": 1},
+             "Ingress": 1, "RayCluster": 1, "RayJob": 5, "RayService": 1},
 }
 EXPECTED_KINDS["dev"] = EXPECTED_KINDS["base"]
 EXPECTED_KINDS["prod"] = {k: v for k, v in EXPECTED_KINDS["base"].items() if k != "Secret"}
@@ -291,7 +291,7 @@ def test_ray_objects_are_valid_against_the_kuberay_crds(layout, crd_validators):
         errors = crd_errors(crd_validators, obj)
         assert errors == [], f"{layout}: {obj['kind']}/{obj['metadata']['name']}:\n" + "\n".join(errors)
         checked += 1
-    assert checked == 6
+    assert checked == 7
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -478,19 +478,67 @@ def parse_entrypoint(entrypoint: str):
         pytest.fail(f"`medray` rejects the RayJob entrypoint (see its usage message above): {entrypoint}")
 
 
+def _jobs(layout: str, command: str) -> list[dict]:
+    """The RayJobs of a layout whose entrypoint runs `medray COMMAND` (train or predict)."""
+    return [j for j in objects(layout, "RayJob") if shlex.split(j["spec"]["entrypoint"])[1] == command]
+
+
+def _lifetimes(job: dict) -> None:
+    spec, name = job["spec"], job["metadata"]["name"]
+    assert spec["shutdownAfterJobFinishes"] is True, name
+    assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] > 0, name
+    assert isinstance(spec["activeDeadlineSeconds"], int) and spec["activeDeadlineSeconds"] >= 3600, name
+    assert isinstance(spec["backoffLimit"], int) and spec["backoffLimit"] >= 1, name
+    assert "clusterSelector" not in spec, f"{name}: each job brings its own cluster"
+
+
+def _mounts_shared_volume(job: dict) -> None:
+    for where, pod in pod_specs(job)[:-1]:  # head and workers, not the submitter
+        data = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/data"]
+        assert data and not data[0].get("readOnly"), where
+        (volume,) = [v for v in pod["volumes"] if v["name"] == data[0]["name"]]
+        assert volume["persistentVolumeClaim"]["claimName"] == "medray-data", where
+
+
+def test_every_rayjob_trains_or_predicts():
+    for layout in LAYOUTS:
+        names = {j["metadata"]["name"] for j in objects(layout, "RayJob")}
+        assert names == {j["metadata"]["name"] for c in ("train", "predict") for j in _jobs(layout, c)}, layout
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_nightly_scoring_job_scores_a_served_bundle_on_its_own_cluster(layout):
+    jobs = _jobs(layout, "predict")
+    assert jobs, f"{layout}: no batch-inference RayJob"
+    served = serve_config_of(layout)["applications"][0]["args"]["bundles"]
+    for job in jobs:
+        name = job["metadata"]["name"]
+        _lifetimes(job)
+        args = parse_entrypoint(job["spec"]["entrypoint"])  # the real CLI: a wrong flag fails here
+        assert args.bundle in served.values(), f"{name}: {args.bundle} is not a bundle the RayService serves"
+        assert name == f"medray-predict-{args.bundle.rsplit('/', 1)[1]}"
+        for path in (args.data, args.out):
+            assert path.startswith("/data/"), f"{name}: {path} is not on the shared volume"
+        assert args.out.startswith("/data/predictions/") and "." not in args.out.rsplit("/", 1)[1], \
+            f"{name}: a folder of parts (written in parallel) under /data/predictions"
+        assert args.engine == "ray", f"{name}: a cluster job always scores on Ray Data"
+        assert args.gpu is (layout == "prod"), name
+        groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+        if args.gpu:
+            assert sum(g["minReplicas"] * gpus(g) for g in groups) >= args.actors, name
+        else:  # the actors (1 CPU each) and the read tasks beside them
+            assert sum(g["minReplicas"] * logical_cpus(g) for g in groups) >= args.actors + 1, name
+        _mounts_shared_volume(job)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_training_jobs_clean_up_and_train_what_is_served(layout):
-    jobs = objects(layout, "RayJob")
+    jobs = _jobs(layout, "train")
     served = serve_config_of(layout)["applications"][0]["args"]["bundles"]
     trained = {}
     for job in jobs:
         spec, name = job["spec"], job["metadata"]["name"]
-        assert spec["shutdownAfterJobFinishes"] is True, name
-        assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] > 0, name
-        assert isinstance(spec["activeDeadlineSeconds"], int) and spec["activeDeadlineSeconds"] >= 3600, name
-        assert isinstance(spec["backoffLimit"], int) and spec["backoffLimit"] >= 1, name
-        assert "clusterSelector" not in spec, f"{name}: each job brings its own cluster"
-
+        _lifetimes(job)
         args = parse_entrypoint(spec["entrypoint"])  # the real CLI: a wrong flag fails here
         assert args.command == "train" and name == f"medray-train-{args.task}"
         assert args.out == f"/data/bundles/{args.task}", name
@@ -507,11 +555,7 @@ def test_training_jobs_clean_up_and_train_what_is_served(layout):
         assert sum(g["minReplicas"] * logical_cpus(g) for g in groups) >= args.workers + 1, name
         if args.gpu:
             assert sum(g["minReplicas"] * gpus(g) for g in groups) >= args.workers, name
-        for where, pod in pod_specs(job)[:-1]:  # head and workers, not the submitter
-            data = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/data"]
-            assert data and not data[0].get("readOnly"), where
-            (volume,) = [v for v in pod["volumes"] if v["name"] == data[0]["name"]]
-            assert volume["persistentVolumeClaim"]["claimName"] == "medray-data", where
+        _mounts_shared_volume(job)
     assert trained == served, "every served bundle is written by a training job, and only those"
 
 
@@ -569,8 +613,8 @@ def test_every_container_runs_as_non_root_without_privileges(layout):
             assert any(m["mountPath"] == "/tmp" for m in opts["volumeMounts"]), label
             assert opts["resources"]["requests"] and opts["resources"]["limits"], label
             checked += 1
-    # RayCluster 2 (+autoscaler), 4 RayJobs x 3 (head, workers, submitter), RayService 2 (+autoscaler)
-    assert checked == 2 + 1 + 4 * 3 + 2 + 1
+    # RayCluster 2 (+autoscaler), 5 RayJobs x 3 (head, workers, submitter), RayService 2 (+autoscaler)
+    assert checked == 2 + 1 + 5 * 3 + 2 + 1
 
 
 def test_dockerfile_builds_the_pinned_ray_and_runs_as_ray():

@@ -322,12 +322,15 @@ def test_genomic_csv_bad_rows_are_skipped(tmp_path):
     assert ds.ids == ["a", "d"] and ds.inputs == ["ACGT", "GGCC"] and list(ds.labels) == ["EI", "N"]
 
 
-def test_cli_train_names_bad_records_before_ray_and_writes_no_bundle(tmp_path, capsys):
+def test_cli_train_names_bad_records_before_training_and_writes_no_bundle(tmp_path, capsys):
+    """The scan runs on the cluster (Ray Data), before any TorchTrainer starts."""
     from medray.cli import main
 
     (tmp_path / "x.fa").write_text(">r1 label=EI\nACGT\n>r2 label=N\nACGXT\n>r3 label=IE\nAC GT!\n")
     assert main(["train", "genomic", "--data", str(tmp_path / "x.fa"), "--out", str(tmp_path / "b")]) == 2
-    err = capsys.readouterr().err
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("medray: ")]
+    assert len(err) == 1, err
+    err = err[0]
     assert err.startswith("medray: error: ") and "2 unreadable records: record 2 (r2)" in err
     assert "record 3 (r3)" in err and "pass --skip-bad" in err and "Traceback" not in err
     assert not (tmp_path / "b").exists()

@@ -65,7 +65,9 @@ def test_cli_predict_matches_library_and_evaluate_prints_json(trained, tmp_path)
     got = np.array([[r[f"p_{c}"] for c in load_bundle(path).labels] for r in rows])
     assert np.allclose(got, probs, atol=1e-6)
     csv = subprocess.run([*cli, "predict", str(path), "--data", data], check=True, capture_output=True, text=True)
-    assert csv.stdout.splitlines()[0] == "id,label,p_EI,p_IE,p_N"
+    assert csv.stdout.splitlines()[0] == "id,label,p_EI,p_IE,p_N,bundle,version"  # medray.inference.prediction_columns
+    bundle = load_bundle(path)
+    assert all(r["bundle"] == bundle.name and r["version"] == bundle.version for r in rows)
     ev = subprocess.run([*cli, "evaluate", str(path), "--data", data], check=True, capture_output=True, text=True)
     report = json.loads(ev.stdout)
     for key in ("n", "accuracy", "balanced_accuracy", "macro_f1", "auroc", "per_class", "confusion_matrix", "labels"):

@@ -61,9 +61,9 @@ class BadItemsError(DataError):
         super().__init__(message)
         self.messages = messages
 
-    def with_skip_hint(self) -> "BadItemsError":
-        """The same error, telling a training user how to go on without the bad items."""
-        return BadItemsError(f"{self}; pass --skip-bad to train on the rest", self.messages)
+    def with_skip_hint(self, rest: str = "train on the rest") -> "BadItemsError":
+        """The same error, telling the user how to go on without the bad items."""
+        return BadItemsError(f"{self}; pass --skip-bad to {rest}", self.messages)
 
 
 class BadItems:

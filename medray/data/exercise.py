@@ -10,18 +10,19 @@ from medray.data.tables import label_values, read_table, row_name
 from medray.errors import DataError
 
 
-def _numeric(df: pd.DataFrame, column: str, path: str, bad: BadItems) -> np.ndarray:
-    """Column as float64; each row that is not a finite number is reported to `bad`."""
+def numeric_column(df: pd.DataFrame, column: str, path: str, bad: BadItems, offset: int = 0) -> np.ndarray:
+    """Column as float64; each row that is not a finite number is reported to `bad` (as row
+    `offset + i` of the source: readers of a file in chunks pass the chunk's first row)."""
     raw = df[column]
     values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
     for i in np.flatnonzero(~np.isfinite(values)):
         shown = raw.iloc[i]
         what = "missing value" if pd.isna(shown) else f"non-numeric value {str(shown)[:40]!r}"
-        bad.add(i, f"{row_name(path, int(i))}, column {column!r}: {what}")
+        bad.add(offset + i, f"{row_name(path, offset + int(i))}, column {column!r}: {what}")
     return values
 
 
-def _is_mostly_numeric(series: pd.Series) -> bool:
+def is_mostly_numeric(series: pd.Series) -> bool:
     if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
         return True
     parsed = pd.to_numeric(series, errors="coerce")
@@ -52,22 +53,22 @@ def read_exercise(
     if feature_names is None:
         label_column = label_column or df.columns[-1]
     if label_column is not None and label_column not in df.columns and require_labels:
-        raise DataError(f"{path}: label column {label_column!r} not found (columns: {_preview(df.columns)})")
+        raise DataError(f"{path}: label column {label_column!r} not found (columns: {preview(df.columns)})")
 
     if feature_names is None:
         candidates = [c for c in df.columns if c != label_column and c not in exclude]
-        feature_names = [c for c in candidates if _is_mostly_numeric(df[c])]
+        feature_names = [c for c in candidates if is_mostly_numeric(df[c])]
         if not feature_names:
             raise DataError(f"{path}: no numeric feature columns besides the label {label_column!r}")
     else:
         missing = [c for c in feature_names if c not in df.columns]
         if missing:
-            raise DataError(f"{path}: missing feature column(s) {_preview(missing)} that the model was trained on")
+            raise DataError(f"{path}: missing feature column(s) {preview(missing)} that the model was trained on")
 
     bad = BadItems(path, "row", skip=skip_bad)
     x = np.empty((len(df), len(feature_names)), dtype=np.float32)
     for j, col in enumerate(feature_names):
-        x[:, j] = _numeric(df, col, path, bad)
+        x[:, j] = numeric_column(df, col, path, bad)
 
     labels = None
     if label_column is not None and label_column in df.columns:
@@ -86,7 +87,7 @@ def read_exercise(
     )
 
 
-def _preview(names, limit: int = 8) -> str:
+def preview(names, limit: int = 8) -> str:
     names = [str(n) for n in names]
     head = ", ".join(repr(n) for n in names[:limit])
     return head + (f", … ({len(names)} in all)" if len(names) > limit else "")

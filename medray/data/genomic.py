@@ -7,6 +7,7 @@ error naming the record, the position and the letter.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 
@@ -29,17 +30,48 @@ _VALID = re.compile(r"[ACGTURYSWKMBDHVN]*")
 _LABEL = re.compile(r"(?:^|\s)label=(\S+)")
 
 
-def validate_sequence(seq: str, name: str) -> str:
-    """Upper-cased sequence, or DataError naming the first letter that is no nucleotide code."""
-    s = seq.strip().upper()
+def sequence_problem(s: str) -> str | None:
+    """What is wrong with an upper-cased, stripped sequence (None when it is valid)."""
     if not s:
-        raise DataError(f"{name}: empty sequence")
+        return "empty sequence"
     m = _VALID.match(s)
     if m.end() != len(s):
         bad = s[m.end()]
         shown = repr(bad) if bad.isprintable() else f"byte 0x{ord(bad):02x}"
-        raise DataError(f"{name}: invalid letter {shown} at position {m.end() + 1} (IUPAC nucleotide codes expected)")
+        return f"invalid letter {shown} at position {m.end() + 1} (IUPAC nucleotide codes expected)"
+    return None
+
+
+def validate_sequence(seq: str, name: str) -> str:
+    """Upper-cased sequence, or DataError naming the first letter that is no nucleotide code."""
+    s = seq.strip().upper()
+    problem = sequence_problem(s)
+    if problem:
+        raise DataError(f"{name}: {problem}")
     return s
+
+
+def sequence_hash(seq: str) -> str:
+    """A short content hash of a sequence (memorisation checks, data fingerprints)."""
+    return hashlib.sha256(seq.encode()).hexdigest()[:20]
+
+
+def record_sequence(rec) -> tuple[str, str | None]:
+    """(upper-cased sequence, problem or None) of a Biopython FASTA record."""
+    try:
+        seq = str(rec.seq)
+    except UnicodeDecodeError as e:  # Biopython keeps sequences as ASCII bytes
+        chars = bytes(e.object).decode("utf-8", "replace")
+        pos = next(i for i, c in enumerate(chars) if ord(c) > 127)
+        return "", f"invalid letter {chars[pos]!r} at position {pos + 1} (IUPAC nucleotide codes expected)"
+    s = seq.strip().upper()
+    return s, sequence_problem(s)
+
+
+def record_label(rec) -> str | None:
+    """The `label=` token of a FASTA record's header, or None."""
+    m = _LABEL.search(rec.description)
+    return m.group(1) if m else None
 
 
 def parse_fasta_text(text: str, source: str = "FASTA", require_labels: bool = False):
@@ -63,21 +95,13 @@ def _parse_fasta(text: str, bad: BadItems, require_labels: bool):
         raise DataError(f"{source}: no FASTA records")
     ids, seqs, labels = [], [], []
     for k, rec in enumerate(records):
-        try:
-            try:
-                seq = str(rec.seq)
-            except UnicodeDecodeError as e:  # Biopython keeps sequences as ASCII bytes
-                chars = bytes(e.object).decode("utf-8", "replace")
-                pos = next(i for i, c in enumerate(chars) if ord(c) > 127)
-                raise DataError(f"record {k + 1} ({rec.id}): invalid letter {chars[pos]!r} at position {pos + 1} "
-                                "(IUPAC nucleotide codes expected)") from None
-            seqs.append(validate_sequence(seq, f"record {k + 1} ({rec.id})"))
-        except DataError as e:
-            bad.add(k, str(e))
-            seqs.append("")
+        seq, problem = record_sequence(rec)
+        if problem:
+            bad.add(k, f"record {k + 1} ({rec.id}): {problem}")
+            seq = ""
+        seqs.append(seq)
         ids.append(rec.id)
-        m = _LABEL.search(rec.description)
-        labels.append(m.group(1) if m else None)
+        labels.append(record_label(rec))
     missing = [i for i, lab in enumerate(labels) if lab is None]
     if missing and (require_labels or len(missing) < len(labels)):
         for i in missing:

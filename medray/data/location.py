@@ -1,5 +1,7 @@
-"""Data given as a URI (s3://, gs://, hdfs://, file://…) is copied once to a local cache, so the
-readers only ever see local files; plain paths (including mounted NFS/PVC paths) pass through."""
+"""For the in-process readers (`medray predict`/`evaluate`, the GAN's evaluation): data given as a
+URI (s3://, gs://, hdfs://, file://…) is copied once to a local cache, so they only ever see local
+files; plain paths (including mounted NFS/PVC paths) pass through. Training does not use this: it
+reads URIs on the cluster (`medray.data.pipeline`)."""
 
 from __future__ import annotations
 

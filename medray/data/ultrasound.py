@@ -107,22 +107,28 @@ def load_image(path: str, size: int, name: str | None = None) -> np.ndarray:
     return decode_image(data, size, name=name)
 
 
-def _list_class_folders(root: Path) -> pd.DataFrame:
+def _list_class_folders(root: Path, require_labels: bool = True) -> pd.DataFrame:
+    """Images in class subfolders (label = the subfolder); for inference (`require_labels`
+    False) also the images directly in `root`, unlabelled, after those."""
     rows = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for f in sorted(class_dir.rglob("*")):
             if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
                 rows.append({"path": str(f.relative_to(root)), "label": class_dir.name})
+    if not require_labels:
+        rows += [{"path": f.name, "label": None} for f in sorted(root.iterdir())
+                 if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")]
     if not rows:
         raise DataError(f"{root}: no images found (expected one subfolder per class holding PNG/JPEG/DICOM files)")
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    return df.drop(columns="label") if df["label"].isna().all() else df
 
 
 def list_images(path: str, require_labels: bool = True) -> tuple[Path, pd.DataFrame]:
     """The images of a dataset: (root that paths are relative to, table with `path` [, `label`])."""
     p = Path(path)
     if p.is_dir():
-        return p, _list_class_folders(p)
+        return p, _list_class_folders(p, require_labels)
     if p.is_file() and is_table(str(p)):
         df = read_table(str(p))
         if "path" not in df.columns:
