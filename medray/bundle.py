@@ -129,6 +129,11 @@ class Bundle:
         return self.meta["weights"]["sha256"][:12]
 
     @property
+    def temperature(self) -> float:
+        """The calibration temperature fitted on validation data (`medray.calibration`); 1 = none."""
+        return float((self.meta.get("calibration") or {}).get("temperature", 1.0))
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -139,15 +144,16 @@ class Bundle:
 
     @torch.inference_mode()
     def predict_arrays(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Class probabilities (N, K) float32 for already preprocessed inputs."""
+        """Calibrated class probabilities (N, K) float32 for already preprocessed inputs:
+        softmax(logits / temperature)."""
         out = []
-        device = self.device
+        device, temperature = self.device, self.temperature
         for i in range(0, len(x), batch_size):
             with warnings.catch_warnings():  # read-only input (Ray's zero-copy batches): only read here
                 warnings.filterwarnings("ignore", "The given NumPy array is not writable")
                 xb = torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size]))
             xb = xb.to(device, non_blocking=True)
-            out.append(torch.softmax(self.model(xb).float(), dim=1).cpu().numpy())
+            out.append(torch.softmax(self.model(xb).float() / temperature, dim=1).cpu().numpy())
         if not out:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         return np.concatenate(out).astype(np.float32)

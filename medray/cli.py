@@ -1,4 +1,4 @@
-"""`medray` command line: train, evaluate, predict, generate, serve, submit, jobs, demo."""
+"""`medray` command line: train, cv, evaluate, predict, generate, serve, submit, jobs, demo."""
 
 from __future__ import annotations
 
@@ -29,6 +29,23 @@ def _train(args) -> int:
           lr=args.lr, workers=args.workers, gpu=args.gpu, storage=args.storage, name=args.name, seed=args.seed,
           val_fraction=args.val_fraction, group_column=args.group_column, label_column=args.label_column,
           max_failures=args.max_failures, address=args.address, skip_bad=args.skip_bad)
+    return 0
+
+
+def _cv(args) -> int:
+    from medray.cv import cross_validate, format_summary
+
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise MedrayError(f"--seeds: comma-separated integers expected, got {args.seeds!r}") from None
+    result = cross_validate(args.task, args.data, folds=args.folds, seeds=seeds, out=args.out, model=args.model,
+                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, workers=args.workers,
+                            gpu=args.gpu, storage=args.storage, group_column=args.group_column,
+                            label_column=args.label_column, max_failures=args.max_failures, address=args.address,
+                            skip_bad=args.skip_bad)
+    print(format_summary(result))
+    print(json.dumps({"summary": result["summary"]}))
     return 0
 
 
@@ -163,25 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="CSV/Parquet (exercise), image folder or manifest CSV "
                    "(ultrasound), FASTA or CSV (genomic)")
     t.add_argument("--out", required=True, help="bundle directory to write")
-    t.add_argument("--model", help="architecture (default: the task's best measured one; see presets/)")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--workers", type=int, default=2, help="Ray Train workers (data-parallel), default 2")
-    t.add_argument("--gpu", action="store_true", help="one GPU per worker, mixed precision")
-    t.add_argument("--storage", help="checkpoint storage path or URI (default $MEDRAY_STORAGE or ~/medray-runs)")
+    _training_arguments(t)
     t.add_argument("--name", help="run name; the same name and storage resume (default: derived from data+config)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--val-fraction", type=float, default=0.2)
-    t.add_argument("--group-column", help="group validation split by COLUMN, FILE:COLUMN or id-prefix[:SEP]")
-    t.add_argument("--label-column", help="exercise: label column (default: the last column)")
-    t.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
-    t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local instance)")
-    t.add_argument("--skip-bad", action="store_true", help="leave out unreadable images, malformed rows and "
-                   "bad sequences (counted in the log and the bundle) instead of failing on them")
     t.add_argument("--conditional", action="store_true", help="genomic-gan: condition on the labels (e.g. EI/IE/N)")
     t.add_argument("--n-critic", type=int, help="genomic-gan: critic steps per generator step (default 5)")
     t.set_defaults(func=_train)
+
+    cv = sub.add_parser("cv", help="grouped K-fold cross-validation: one Ray Train job per fold, mean ± sd")
+    cv.add_argument("task", choices=TASKS)
+    cv.add_argument("--data", required=True, help="the data `medray train` takes")
+    _training_arguments(cv)
+    cv.add_argument("--folds", type=int, default=5, help="K (default 5); grouped by --group-column when given")
+    cv.add_argument("--seeds", default="0", help="comma-separated seeds; each gives its own folds (default 0)")
+    cv.add_argument("--out", help="keep each fold's bundle and cv.json in this folder (default: discard bundles)")
+    cv.set_defaults(func=_cv)
 
     e = sub.add_parser("evaluate", help="metrics of a bundle on labelled data, as JSON")
     e.add_argument("bundle")
@@ -255,6 +269,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="smaller data (for tests)")
     d.set_defaults(func=_demo)
     return p
+
+
+def _training_arguments(p) -> None:
+    """What `train` and `cv` share: the model, its recipe, the workers and the data's columns."""
+    p.add_argument("--model", help="architecture (default: the task's best measured one; see presets/)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (data-parallel), default 2")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, mixed precision")
+    p.add_argument("--storage", help="checkpoint storage path or URI (default $MEDRAY_STORAGE or ~/medray-runs)")
+    p.add_argument("--group-column", help="group validation split by COLUMN, FILE:COLUMN or id-prefix[:SEP]")
+    p.add_argument("--label-column", help="exercise: label column (default: the last column)")
+    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local instance)")
+    p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images, malformed rows and "
+                   "bad sequences (counted in the log and the bundle) instead of failing on them")
 
 
 def _inference_arguments(p) -> None:

@@ -8,7 +8,8 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score,
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict:
     """n, accuracy, balanced_accuracy, macro_f1, auroc (one-vs-rest macro over classes present),
-    per-class sensitivity/specificity/support, confusion_matrix (rows = true), labels."""
+    ece and its reliability table (15 bins of top-class confidence), per-class
+    sensitivity/specificity/support, confusion_matrix (rows = true), labels."""
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     k = len(labels)
@@ -25,6 +26,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[s
                 auroc = float(np.mean(scores))
         except ValueError:
             auroc = None
+    ece, reliability = expected_calibration_error(y_true, probs) if len(y_true) else (None, [])
     per_class = {}
     total = cm.sum()
     for c, name in enumerate(labels):
@@ -43,7 +45,30 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[s
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)) if len(present) else None,
         "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
         "auroc": auroc,
+        "ece": ece,
+        "reliability": reliability,
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
         "labels": list(labels),
     }
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> tuple[float, list[dict]]:
+    """(ECE, reliability table): rows binned by top-class confidence into `bins` equal-width bins;
+    ECE = sum over bins of (rows in bin / rows) * |accuracy - mean confidence|. A table row per
+    non-empty bin: lower and upper edge, count, mean confidence, accuracy."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
+    correct = (pred == y_true).astype(np.float64)
+    which = np.minimum((conf * bins).astype(np.int64), bins - 1)  # [lo, hi) bins; conf 1.0 in the last
+    ece, table = 0.0, []
+    for b in range(bins):
+        m = which == b
+        if not m.any():
+            continue
+        acc, mean_conf = float(correct[m].mean()), float(conf[m].mean())
+        ece += m.sum() / len(y_true) * abs(acc - mean_conf)
+        table.append({"lower": round(b / bins, 4), "upper": round((b + 1) / bins, 4), "count": int(m.sum()),
+                      "confidence": round(mean_conf, 6), "accuracy": round(acc, 6)})
+    return float(ece), table

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from medray.data.dataset import Dataset
 from medray.data.tables import read_table
@@ -46,12 +46,19 @@ def resolve_groups(spec: str | None, ds: Dataset) -> np.ndarray | None:
     )
 
 
-def split_indices(labels: np.ndarray, groups: np.ndarray | None, val_fraction: float, seed: int):
-    """(train_idx, val_idx): grouped-stratified when groups are given, stratified otherwise."""
+def split_indices(labels: np.ndarray, groups: np.ndarray | None, val_fraction: float, seed: int,
+                  fold: tuple[int, int] | None = None):
+    """(train_idx, val_idx): grouped-stratified when groups are given, stratified otherwise.
+    `fold=(k, i)` takes the i-th of k seeded folds (cross-validation) instead of `val_fraction`."""
     n = len(labels)
+    idx = np.arange(n)
+    if fold is not None:
+        k, i = fold
+        if not 0 <= i < k or k < 2:
+            raise DataError(f"fold {i} of {k}: need at least 2 folds and 0 <= fold < folds")
+        return _kfold(labels, groups, k, seed)[i]
     if not 0 < val_fraction < 1:
         raise DataError(f"validation fraction must be between 0 and 1, got {val_fraction}")
-    idx = np.arange(n)
     if groups is not None:
         n_splits = max(2, int(round(1 / val_fraction)))
         n_groups = len(set(groups))
@@ -65,3 +72,18 @@ def split_indices(labels: np.ndarray, groups: np.ndarray | None, val_fraction: f
     stratify = labels if counts.min() >= 2 else None
     tr, va = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=stratify)
     return np.sort(tr), np.sort(va)
+
+
+def _kfold(labels: np.ndarray, groups: np.ndarray | None, k: int, seed: int) -> list:
+    """k seeded (train_idx, val_idx) folds covering every row once as validation: grouped-stratified
+    with groups (no group in two folds), else stratified."""
+    idx = np.arange(len(labels))
+    if groups is not None:
+        n_groups = len(set(groups))
+        if n_groups < k:
+            raise DataError(f"{k}-fold grouped cross-validation needs at least {k} groups, found {n_groups}")
+        return list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(idx, labels, groups))
+    _, counts = np.unique(labels, return_counts=True)
+    if counts.min() < k:
+        return list(KFold(n_splits=k, shuffle=True, random_state=seed).split(idx))
+    return list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(idx, labels))

@@ -21,6 +21,7 @@ import torch
 
 from medray.augment import augment_batch
 from medray.bundle import write_bundle
+from medray.calibration import calibrate, scale
 from medray.data import pipeline
 from medray.data.dataset import skipped_summary, skipped_warning
 from medray.errors import DataError, MedrayError
@@ -117,7 +118,7 @@ def train_loop_per_worker(config: dict):
         with torch.inference_mode():
             for vx, vy in val_feed.epoch(epoch):
                 with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = model(vx).float()
+                    logits = unwrap(model)(vx).float()  # no DDP: shards may differ in length
                 val_loss += float(torch.nn.functional.cross_entropy(logits, vy, reduction="sum"))
                 probs.append(torch.softmax(logits, 1).cpu().numpy())
                 ys.append(vy.cpu().numpy())
@@ -131,6 +132,10 @@ def train_loop_per_worker(config: dict):
         rows_per_worker = [int(p[2]) for p in parts]
         train_loss = sum(p[3] for p in parts) / max(1, sum(rows_per_worker))
         val = classification_metrics(y_all, p_all, config["labels"]) if len(y_all) else {}
+        val_ece, calibration = val.get("ece"), None
+        if epoch == config["epochs"] and len(y_all):  # the bundle's model: fit its temperature
+            calibration = calibrate(p_all, y_all, seed=config["seed"])
+            val = classification_metrics(y_all, scale(p_all, calibration["temperature"]), config["labels"])
         metrics = {
             "epoch": epoch,
             "train_loss": round(train_loss, 6),
@@ -139,6 +144,7 @@ def train_loop_per_worker(config: dict):
             "val_balanced_accuracy": val.get("balanced_accuracy"),
             "val_macro_f1": val.get("macro_f1"),
             "val_auroc": val.get("auroc"),
+            "val_ece": val_ece,  # before calibration
             "rows_per_worker": rows_per_worker,
             "node_per_worker": [p[5] for p in parts],
             "val_rows": int(len(y_all)),
@@ -165,6 +171,7 @@ def train_loop_per_worker(config: dict):
                     "total_steps": total_steps,
                     "history": history,
                     "val_metrics": val,
+                    "calibration": calibration,
                     "attempt": attempt,
                 }, {"epoch": epoch, "fingerprint": config["fingerprint"]})
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
@@ -200,12 +207,14 @@ def train(
     address: str | None = None,
     placement_strategy: str = "PACK",
     skip_bad: bool = False,
+    fold: tuple[int, int] | None = None,
     log=print,
 ) -> dict:
     """Train one model as a Ray Train job and write its bundle to `out`. Returns bundle.json.
 
     Unreadable images, malformed rows and bad sequences in `data` fail before training, naming
-    them; with `skip_bad` they are left out, logged, and counted in the bundle's `data.skipped`."""
+    them; with `skip_bad` they are left out, logged, and counted in the bundle's `data.skipped`.
+    `fold=(k, i)` validates on the i-th of k seeded folds (`medray cv`) instead of `val_fraction`."""
     preset = load_preset(task, model)
     recipe = dict(preset["train"])
     recipe.update({k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None})
@@ -231,7 +240,7 @@ def train(
         raise DataError(f"{data}: only one class ({labels[0]!r}) in the labels; at least two are needed")
     groups = resolve_groups(group_column, keys)
     y = encode_labels(keys.labels, labels, data)
-    tr_idx, va_idx = split_indices(keys.labels, groups, val_fraction, seed)
+    tr_idx, va_idx = split_indices(keys.labels, groups, val_fraction, seed, fold=fold)
     if len(set(y[tr_idx])) < 2:
         raise DataError(f"{data}: the training split holds a single class; add data or change the split")
     prep = fit_preprocessor(task, source, keys, tr_idx, preset)  # streaming aggregates on the training rows
@@ -286,9 +295,11 @@ def train(
         "input": _input_spec(task, prep),
         "data": {"source": str(data), "rows": len(keys), "train_rows": int(len(y_tr)), "val_rows": int(len(y_va)),
                  "class_counts_train": dict(zip(labels, counts.tolist())),
-                 "split": {"val_fraction": val_fraction, "group_column": group_column, "seed": seed},
+                 "split": {"val_fraction": None if fold else val_fraction, "group_column": group_column, "seed": seed,
+                           **({"fold": fold[1], "folds": fold[0]} if fold else {})},
                  "fingerprint": fingerprint, "read_on_nodes": len(keys.nodes),
                  **({"skipped": skipped_summary(keys)} if skipped_summary(keys) else {})},
+        "calibration": state.get("calibration"),
         "metrics": {"validation": state["val_metrics"], "history": state["history"]},
     }
     path = write_bundle(out, state["model"], meta)

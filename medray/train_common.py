@@ -244,5 +244,31 @@ def run_trainer(loop, config: dict, datasets: dict, *, name: str, storage: str, 
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
         ),
         datasets=datasets,
+        dataset_config=whole_validation_config(),
     )
     return fit_to_final_state(trainer, name)
+
+
+def whole_validation_config():
+    """Ray Train's DataConfig, except that the "val" dataset is split with `equal=False`: Ray's
+    default equal split drops the remainder rows (1 of 447 splice sequences with 2 workers), and
+    validation metrics must cover every validation row. Training keeps equal shards (every worker
+    takes the same number of steps, as DDP needs)."""
+    import ray.train
+
+    class WholeValidation(ray.train.DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            rest = {k: v for k, v in datasets.items() if k != "val"}
+            output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+            if "val" in datasets:
+                ds = datasets["val"]
+                ds = ds.copy(ds)
+                if ds.name is None:
+                    ds.set_name("val")
+                ds.context.execution_options = self._resolve_execution_options("val")
+                hints = worker_node_ids if self._enable_shard_locality else None
+                for rank, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    output[rank]["val"] = split
+            return output
+
+    return WholeValidation()
