@@ -15,7 +15,7 @@
                                one file or stdout: streamed in input order through the driver
 
 The driver holds the key table (key, id, label, message per item) and, for one-file outputs, one
-batch of predictions at a time. `evaluate_on_ray` streams (label, probabilities) back and computes
+batch of predictions at a time. `truth_and_probs_on_ray` streams (label, probabilities) back for
 the same metrics as the in-process path (`medray.metrics.classification_metrics`).
 """
 
@@ -138,10 +138,9 @@ def predict_on_ray(bundle: Bundle, data: str, target, *, skip_bad: bool = False,
     return {"rows": rows, "skipped": keys.skipped, "engine": "ray", "read_on_nodes": keys.nodes}
 
 
-def evaluate_on_ray(bundle: Bundle, data: str, *, skip_bad: bool = False, address=None, actors=None,
-                    batch_size: int = 256, gpu: bool = False) -> dict:
-    from medray.metrics import classification_metrics
-
+def truth_and_probs_on_ray(bundle: Bundle, data: str, *, skip_bad: bool = False, address=None, actors=None,
+                           batch_size: int = 256, gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(true class indices, probabilities) of labelled `data`, scored on the cluster."""
     ds, keys = _predictions(bundle, data, skip_bad=skip_bad, address=address, actors=actors,
                             batch_size=batch_size, gpu=gpu, with_truth=True)
     if keys.skipped:
@@ -153,4 +152,4 @@ def evaluate_on_ray(bundle: Bundle, data: str, *, skip_bad: bool = False, addres
         ps.append(np.stack([b[c] for c in cols], axis=1))
     y = np.concatenate(ys) if ys else np.zeros(0, np.int64)
     probs = np.concatenate(ps) if ps else np.zeros((0, len(cols)))
-    return classification_metrics(y, probs, bundle.labels)
+    return y, probs

@@ -49,8 +49,9 @@ def versions() -> dict:
     return out
 
 
-def write_bundle(out: str | os.PathLike, state_dict: dict, meta: dict) -> Path:
-    """Atomically write a bundle directory to `out` (replacing an existing bundle there)."""
+def write_bundle(out: str | os.PathLike, state_dict: dict, meta: dict, extra=None) -> Path:
+    """Atomically write a bundle directory to `out` (replacing an existing bundle there).
+    `extra(folder, meta)` may add files (the report) to the bundle before it is moved into place."""
     out = Path(out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
@@ -64,6 +65,8 @@ def write_bundle(out: str | os.PathLike, state_dict: dict, meta: dict) -> Path:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+        if extra is not None:
+            extra(tmp, meta)
         os.chmod(tmp, 0o755)
         if out.exists():
             if not (out / META).exists() and any(out.iterdir()):

@@ -60,7 +60,9 @@ def _evaluate(args) -> int:
         print(json.dumps(evaluate_gan(bundle, args.data, n=args.n, seed=args.seed, classifier=args.classifier),
                          indent=2))
         return 0
-    print(json.dumps(evaluate(bundle, args.data, **_inference_options(args)), indent=2))
+    print(json.dumps(evaluate(bundle, args.data, report=args.report, **_inference_options(args)), indent=2))
+    if args.report:
+        print(f"[medray] report (plots and model card) written to {args.report}", file=sys.stderr)
     return 0
 
 
@@ -205,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--classifier", help="genomic-gan (conditional): a genomic classifier bundle to label the "
                    "generated sequences with")
+    e.add_argument("--report", metavar="DIR", help="also write plots (confusion matrix, ROC, reliability diagram) "
+                   "and a model card for this data into DIR")
     _inference_arguments(e)
     e.set_defaults(func=_evaluate)
 

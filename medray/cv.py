@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from medray.errors import MedrayError
+from medray.models import describe
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece", "ece_uncalibrated")
 
@@ -63,7 +64,7 @@ def cross_validate(task: str, data: str, *, folds: int = 5, seeds=(0,), out: str
                 meta = train(task, data, str(root / f"seed{seed}-fold{i}"), seed=seed, fold=(folds, i), log=log,
                              **train_options)
                 per_fold.append({"seed": seed, "fold": i, **fold_metrics(meta)})
-    result = {"task": task, "data": str(data), "folds": folds, "seeds": seeds, "model": meta["model"]["name"],
+    result = {"task": task, "data": str(data), "folds": folds, "seeds": seeds, "model": describe(meta["model"]),
               "group_column": train_options.get("group_column"), "summary": summarise(per_fold),
               "per_fold": per_fold}
     if out:

@@ -11,6 +11,7 @@ from pathlib import Path
 from medray.bundle import load_bundle
 from medray.gan import evaluate_gan, train_gan
 from medray.inference import evaluate_file
+from medray.models import describe
 from medray.synthetic import write_demo_data
 from medray.train import train
 
@@ -34,7 +35,7 @@ def run_demo(workdir: str = ".medray-demo", workers: int = 2, quick: bool = Fals
                      batch_size=DEMO_BATCH.get(task), workers=workers, storage=str(root / "runs"),
                      name=f"demo-{task}-{'quick' if quick else 'full'}", group_column=GROUPS[task])
         test = evaluate_file(load_bundle(root / "bundles" / task), str(test_path))
-        rows.append({"task": task, "model": meta["model"]["name"], "train_rows": meta["data"]["train_rows"],
+        rows.append({"task": task, "model": describe(meta["model"]), "train_rows": meta["data"]["train_rows"],
                      "val_accuracy": meta["metrics"]["validation"]["accuracy"], "test_n": test["n"],
                      "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
                      "seconds": round(time.time() - started, 1)})
@@ -55,6 +56,8 @@ def run_demo(workdir: str = ".medray-demo", workers: int = 2, quick: bool = Fals
           f"second real sample {gan['second_real_sample']['kmer_js_k4']:.3f}  ({time.time() - started:.0f}s)")
     print(f"\nbundles: {root / 'bundles'}  (try: medray predict {root / 'bundles' / 'genomic'} "
           f"--data {paths['genomic'][1]})   total {time.time() - t0:.0f}s")
+    print(f"plots and model cards: {root / 'bundles'}/<task>/report/ (model_card.md, curves.png, "
+          f"confusion_matrix.png, roc.png, calibration.png)")
     tokens = write_demo_token(root / "tokens")
     print(f"API token for serving the demo bundles (serve/config.yaml reads it): {tokens}")
     return rows

@@ -309,6 +309,20 @@ def evaluate_gan(bundle: Bundle, data: str, n: int | None = None, seed: int = 0,
 
 
 # ----------------------------------------------------------------------------- driver
+def _report(folder: Path, reference: list[str], seed: int) -> None:
+    """The bundle's report/: generated sequences (as many as the real sample) against it."""
+    from medray.bundle import load_bundle
+    from medray.report import write_gan_report
+
+    bundle = load_bundle(folder)  # the weights and bundle.json are written; the report is the last part
+    length = bundle.meta["input_shape"][1]
+    generated, _ = generate(bundle, len(reference), seed=seed)
+    random = random_like(reference, len(reference), length, seed + 1)
+    hashes = set(bundle.meta.get("training_hashes", []))
+    comparison = {"generated": compare(generated, reference, length, hashes),
+                  "random_baseline": compare(random, reference, length, hashes)}
+    write_gan_report(folder / "report", bundle.meta, generated, reference, random, comparison)
+
 
 
 def train_gan(data: str, out: str, *, epochs: int = 24, batch_size: int = 32, lr: float = 1e-4, workers: int = 2,
@@ -367,6 +381,6 @@ def train_gan(data: str, out: str, *, epochs: int = 24, batch_size: int = 32, lr
         "training_hashes": sorted(set(keys.rows["_seqhash"].iloc[keep].tolist())),
         "metrics": {"history": state["history"]},
     }
-    path = write_bundle(out, state["generator"], meta)
+    path = write_bundle(out, state["generator"], meta, extra=lambda folder, full: _report(folder, reference, seed))
     log(f"[medray] generator bundle written to {path}")
     return meta

@@ -104,12 +104,16 @@ def predict_file(bundle: Bundle, data: str, require_labels: bool = False, skip_b
     return ds, bundle.predict(ds.inputs)
 
 
-def evaluate_file(bundle: Bundle, data: str, skip_bad: bool = False) -> dict:
+def truth_and_probs_here(bundle: Bundle, data: str, skip_bad: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(true class indices, probabilities) of labelled `data`, scored in this process."""
     ds, probs = predict_file(bundle, data, require_labels=True, skip_bad=skip_bad)
     if ds.labels is None:
         raise DataError(f"{data}: no labels to evaluate against")
-    y = encode_labels(ds.labels, bundle.labels, data)
-    return classification_metrics(y, probs, bundle.labels)
+    return encode_labels(ds.labels, bundle.labels, data), probs
+
+
+def evaluate_file(bundle: Bundle, data: str, skip_bad: bool = False) -> dict:
+    return classification_metrics(*truth_and_probs_here(bundle, data, skip_bad), bundle.labels)
 
 
 # ----------------------------------------------------------------------------- the commands
@@ -151,12 +155,19 @@ def predict(bundle: Bundle, data: str, out: str | None = None, *, fmt: str | Non
 
 
 def evaluate(bundle: Bundle, data: str, *, skip_bad: bool = False, engine: str = "auto", address: str | None = None,
-             actors: int | None = None, batch_size: int = 256, gpu: bool = False) -> dict:
-    """Metrics of `bundle` on labelled `data` (`medray.metrics.classification_metrics`)."""
+             actors: int | None = None, batch_size: int = 256, gpu: bool = False, report: str | None = None) -> dict:
+    """Metrics of `bundle` on labelled `data` (`medray.metrics.classification_metrics`); with
+    `report`, the plots and model card of `medray.report` for that data are written there."""
     _check_task(bundle)
     if choose_engine(data, engine, address=address, actors=actors, gpu=gpu) == "ray":
-        from medray.batch_inference import evaluate_on_ray
+        from medray.batch_inference import truth_and_probs_on_ray
 
-        return evaluate_on_ray(bundle, data, skip_bad=skip_bad, address=address, actors=actors,
-                               batch_size=batch_size, gpu=gpu)
-    return evaluate_file(bundle, data, skip_bad=skip_bad)
+        y, probs = truth_and_probs_on_ray(bundle, data, skip_bad=skip_bad, address=address, actors=actors,
+                                          batch_size=batch_size, gpu=gpu)
+    else:
+        y, probs = truth_and_probs_here(bundle, data, skip_bad=skip_bad)
+    if report:
+        from medray.report import write_report
+
+        write_report(report, bundle.meta, y, probs, evaluated_on=f"`{data}`")
+    return classification_metrics(y, probs, bundle.labels)

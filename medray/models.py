@@ -77,6 +77,25 @@ class PositionalCNN1d(nn.Module):
         return self.head(self.features(x.reshape(x.shape[0], *self.shape)))
 
 
+class ConvRecurrent1d(nn.Module):
+    """Convolution for local motifs, then a bidirectional GRU over the pooled positions, so the
+    classifier sees motifs in order and where they sit: conv → BN → ReLU → max-pool → BiGRU →
+    mean+max over positions → dropout → linear (DanQ-style, small)."""
+
+    def __init__(self, input_shape, n_classes, channels=64, kernel_size=9, pool=2, hidden=48, dropout=0.3):
+        super().__init__()
+        self.shape = tuple(input_shape)
+        self.conv = nn.Sequential(nn.Conv1d(input_shape[0], channels, kernel_size, padding=kernel_size // 2),
+                                  nn.BatchNorm1d(channels), nn.ReLU(), nn.MaxPool1d(pool), nn.Dropout(dropout / 2))
+        self.rnn = nn.GRU(channels, hidden, batch_first=True, bidirectional=True)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(4 * hidden, n_classes))
+
+    def forward(self, x):
+        h = self.conv(x.reshape(x.shape[0], *self.shape)).transpose(1, 2)
+        out, _ = self.rnn(h)
+        return self.head(torch.cat([out.mean(dim=1), out.amax(dim=1)], dim=1))
+
+
 class RecurrentNet(nn.Module):
     """Bidirectional GRU/LSTM over the sequence positions; mean+max pooled states → linear."""
 
@@ -127,6 +146,37 @@ class ConvNet2d(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
+class ResidualBlock2d(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out))
+        self.skip = (nn.Identity() if stride == 1 and c_in == c_out else
+                     nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)))
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+class ResNet2d(nn.Module):
+    """A small ResNet for grayscale scans trained from scratch: a strided 5×5 stem, one residual
+    block per stage (stride 2 from the second), global average pooling, dropout, linear."""
+
+    def __init__(self, input_shape, n_classes, widths=(24, 48, 96, 192), dropout=0.3):
+        super().__init__()
+        c = widths[0]
+        layers = [nn.Conv2d(input_shape[0], c, 5, stride=2, padding=2, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+        for i, w in enumerate(widths):
+            layers.append(ResidualBlock2d(c, w, 1 if i == 0 else 2))
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c, n_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
 class DNAGenerator(nn.Module):
     """noise (+ class embedding) → (4, length) per-position base probabilities (softmax over A/C/G/T).
     An MLP over the whole sequence: every position can depend on every other, and it is cheap
@@ -165,17 +215,46 @@ class DNACritic(nn.Module):
         return self.net(h).squeeze(1)
 
 
+class Ensemble(nn.Module):
+    """`members` copies of one architecture (different initial weights), trained side by side on
+    the same batches, each on its own loss (`forward(x, members=True)`), and predicting together: forward
+    returns log(mean of the members' softmax), so softmax(forward) is the averaged probability.
+    A preset asks for it with `ensemble: N`; the bundle stores it as one model."""
+
+    def __init__(self, input_shape, n_classes, members=3, member=None):
+        super().__init__()
+        self.members = nn.ModuleList(build_model(member, input_shape, n_classes) for _ in range(int(members)))
+
+    def forward(self, x, members: bool = False):
+        """log of the averaged probabilities; with `members`, each member's logits (members, N, classes)
+        (training: called through DDP like any forward, so the gradients are synchronised)."""
+        logits = torch.stack([m(x) for m in self.members])
+        if members:
+            return logits
+        return torch.logsumexp(torch.log_softmax(logits.float(), dim=-1), dim=0) - math.log(len(self.members))
+
+
 # name -> constructor(input_shape, n_classes, **params); which task offers which model is in presets/
 MODELS = {
     "mlp": MLP,
     "cnn1d": ConvNet1d,
     "poscnn": PositionalCNN1d,
+    "cnn_gru": ConvRecurrent1d,
     "gru": lambda s, n, **p: RecurrentNet(s, n, cell="gru", **p),
     "lstm": lambda s, n, **p: RecurrentNet(s, n, cell="lstm", **p),
     "cnn": SimpleCNN,
     "convnet": ConvNet2d,
+    "resnet": ResNet2d,
+    "ensemble": Ensemble,  # {"members": N, "member": {"name": ..., "params": ...}}
     "dna_generator": DNAGenerator,  # the GAN's generator (medray.gan); n_classes = conditioning classes
 }
+
+
+def describe(arch: dict) -> str:
+    """A model's short name: `cnn1d`, or `cnn1d×3` for an ensemble of three."""
+    if arch["name"] == "ensemble":
+        return f"{arch['params']['member']['name']}×{arch['params']['members']}"
+    return arch["name"]
 
 
 def build_model(arch: dict, input_shape, n_classes: int) -> nn.Module:

@@ -26,11 +26,12 @@ from medray.data import pipeline
 from medray.data.dataset import skipped_summary, skipped_warning
 from medray.errors import DataError, MedrayError
 from medray.metrics import classification_metrics
-from medray.models import build_model
+from medray.models import Ensemble, build_model
+from medray.report import write_report
 from medray.split import resolve_groups, split_indices
 from medray.tasks import encode_labels, fit_preprocessor, load_preset
-from medray.train_common import (STATE, ShardFeed, fits_in_worker_memory, gather, resolve_run_storage, run_trainer,
-                                 unwrap, write_checkpoint_files)
+from medray.train_common import (STATE, ShardFeed, checkpoint_interval_s, fits_in_worker_memory, gather,
+                                 resolve_run_storage, run_trainer, unwrap, write_checkpoint_files)
 
 # ----------------------------------------------------------------------------- worker side
 def _amp_settings(device: torch.device):
@@ -57,6 +58,7 @@ def train_loop_per_worker(config: dict):
 
     torch.manual_seed(config["seed"])  # identical initial weights on every worker
     model = build_model(config["model"], config["input_shape"], config["n_classes"])
+    ensemble = isinstance(model, Ensemble)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     total_steps = config["epochs"] * config["steps_per_epoch"]
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps) if total_steps > 1 else None
@@ -85,13 +87,14 @@ def train_loop_per_worker(config: dict):
     amp_dtype, use_scaler = _amp_settings(device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device) if config["class_weights"] else None
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=config["label_smoothing"])
     bs = config["batch_size"]
     feed = ShardFeed(ray.train.get_dataset_shard("train"), batch_size=bs, device=device, cache=config["cache"],
                      shuffle=True, seed=config["seed"] * 1000 + rank, input_shape=config["input_shape"])
     val_feed = ShardFeed(ray.train.get_dataset_shard("val"), batch_size=256, device=device, cache=config["cache"],
                          shuffle=False, seed=0, input_shape=config["input_shape"])
 
+    last_report = time.time()
     for epoch in range(start_epoch, config["epochs"] + 1):
         t0 = time.time()
         model.train()
@@ -102,7 +105,11 @@ def train_loop_per_worker(config: dict):
                 first_step_s = time.time() - t0
             x = augment_batch(x, config["augment"], config["input_shape"], gen)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = loss_fn(model(x), y)
+                if ensemble:  # each member on its own loss: independent models, averaged when predicting
+                    logits = model(x, members=True)
+                    loss = torch.stack([loss_fn(z, y) for z in logits]).sum()
+                else:
+                    loss = loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -125,17 +132,23 @@ def train_loop_per_worker(config: dict):
         k = config["n_classes"]
         mine = (np.concatenate(probs) if probs else np.zeros((0, k)), np.concatenate(ys) if ys else np.zeros(0, int),
                 rows, loss_sum, val_loss, ray.get_runtime_context().get_node_id(), train_wait, train_s, steps,
-                first_step_s or 0.0)
+                first_step_s or 0.0, time.time() - last_report)
         parts = gather(mine)
+        # Report (and checkpoint) every epoch that ends at least `checkpoint_interval_s` after the
+        # previous report, and the last one: each report costs a controller round trip (~0.2 s), so
+        # sub-second epochs are reported in groups. Decided on gathered figures: the same on every rank.
+        due = epoch == config["epochs"] or max(p[10] for p in parts) >= config["checkpoint_interval_s"]
         p_all = np.concatenate([p[0] for p in parts])
         y_all = np.concatenate([p[1] for p in parts])
         rows_per_worker = [int(p[2]) for p in parts]
         train_loss = sum(p[3] for p in parts) / max(1, sum(rows_per_worker))
         val = classification_metrics(y_all, p_all, config["labels"]) if len(y_all) else {}
         val_ece, calibration = val.get("ece"), None
+        final = None
         if epoch == config["epochs"] and len(y_all):  # the bundle's model: fit its temperature
             calibration = calibrate(p_all, y_all, seed=config["seed"])
-            val = classification_metrics(y_all, scale(p_all, calibration["temperature"]), config["labels"])
+            final = {"y": y_all, "probs": scale(p_all, calibration["temperature"]).astype(np.float32)}
+            val = classification_metrics(y_all, final["probs"], config["labels"])
         metrics = {
             "epoch": epoch,
             "train_loss": round(train_loss, 6),
@@ -160,6 +173,8 @@ def train_loop_per_worker(config: dict):
             "resumed_from_epoch": resumed_from if epoch == start_epoch else None,
         }
         history.append(metrics)
+        if not due:
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -172,6 +187,7 @@ def train_loop_per_worker(config: dict):
                     "history": history,
                     "val_metrics": val,
                     "calibration": calibration,
+                    "val_predictions": final,  # the report's plots (bundle/report/)
                     "attempt": attempt,
                 }, {"epoch": epoch, "fingerprint": config["fingerprint"]})
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
@@ -180,6 +196,7 @@ def train_loop_per_worker(config: dict):
                       f"val_bal_acc {_fmt(metrics['val_balanced_accuracy'])}  rows/worker {rows_per_worker}  "
                       f"{metrics['seconds']}s", flush=True)
             ray.train.report(metrics, checkpoint=ckpt)
+        last_report = time.time()
 
 
 def _fmt(v):
@@ -208,14 +225,24 @@ def train(
     placement_strategy: str = "PACK",
     skip_bad: bool = False,
     fold: tuple[int, int] | None = None,
+    overrides: dict | None = None,
     log=print,
 ) -> dict:
     """Train one model as a Ray Train job and write its bundle to `out`. Returns bundle.json.
 
     Unreadable images, malformed rows and bad sequences in `data` fail before training, naming
     them; with `skip_bad` they are left out, logged, and counted in the bundle's `data.skipped`.
-    `fold=(k, i)` validates on the i-th of k seeded folds (`medray cv`) instead of `val_fraction`."""
+    `fold=(k, i)` validates on the i-th of k seeded folds (`medray cv`) instead of `val_fraction`.
+    `overrides` ({"params": {...}, "preprocessing": {...}, "train": {...}, "ensemble": N}) change the preset's
+    entries (model selection: `benchmarks/model_selection.py`)."""
     preset = load_preset(task, model)
+    for section, values in (overrides or {}).items():
+        if section == "ensemble":
+            preset["ensemble"] = int(values)
+        elif section in ("params", "preprocessing", "train"):
+            preset[section] = {**preset.get(section, {}), **values}
+        else:
+            raise MedrayError(f"overrides: unknown section {section!r} (params, preprocessing, train, ensemble)")
     recipe = dict(preset["train"])
     recipe.update({k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None})
     if recipe["epochs"] < 1 or recipe["batch_size"] < 1 or recipe["lr"] <= 0 or workers < 1:
@@ -252,6 +279,8 @@ def train(
         class_weights = (len(y_tr) / (len(labels) * np.maximum(counts, 1))).round(6).tolist()
 
     arch = {"name": preset["name"], "params": preset.get("params", {})}
+    if preset.get("ensemble", 1) > 1:  # N members of the architecture, one model in the bundle
+        arch = {"name": "ensemble", "params": {"members": int(preset["ensemble"]), "member": arch}}
     tr_keys, va_keys = keys.keys[tr_idx], keys.keys[va_idx]
     fingerprint = pipeline.fingerprint(keys, {
         "labels": labels, "preprocessing": preset.get("preprocessing", {}), "task": task,
@@ -267,8 +296,10 @@ def train(
         "model": arch, "input_shape": prep.input_shape, "n_classes": len(labels), "labels": labels,
         "epochs": recipe["epochs"], "batch_size": recipe["batch_size"], "lr": recipe["lr"],
         "weight_decay": recipe.get("weight_decay", 0.0), "augment": recipe.get("augment") or {},
+        "label_smoothing": recipe.get("label_smoothing", 0.0),
         "class_weights": class_weights, "seed": seed, "fingerprint": fingerprint, "steps_per_epoch": steps_per_epoch,
         "cache": fits_in_worker_memory(-(-len(keys) // workers), prep.input_shape),
+        "checkpoint_interval_s": checkpoint_interval_s(),
     }
     log(f"[medray] {task}: {len(keys)} rows from {data} → train {len(y_tr)} / validation {len(y_va)} "
         f"({'grouped by ' + group_column if groups is not None else 'stratified'}); model {preset['name']}; "
@@ -284,7 +315,8 @@ def train(
         "name": Path(out).name,
         "task": task,
         "model": arch,
-        "training": {**{k: config[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "augment", "class_weights")},
+        "training": {**{k: config[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "augment", "class_weights",
+                                               "label_smoothing")},
                      "optimizer": "AdamW", "schedule": "cosine per step", "seed": seed, "workers": workers, "gpu": gpu,
                      "epochs_trained": state["epoch"], "run_name": name, "storage_path": storage,
                      "seconds": seconds, "phases": phases},
@@ -302,7 +334,9 @@ def train(
         "calibration": state.get("calibration"),
         "metrics": {"validation": state["val_metrics"], "history": state["history"]},
     }
-    path = write_bundle(out, state["model"], meta)
+    final = state.get("val_predictions")
+    path = write_bundle(out, state["model"], meta, extra=None if final is None else lambda folder, full: write_report(
+        folder / "report", full, final["y"], final["probs"], history=state["history"]))
     log(f"[medray] bundle written to {path}")
     return meta
 

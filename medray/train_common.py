@@ -224,6 +224,16 @@ def fit_to_final_state(trainer, name: str) -> tuple[dict, float]:
     return state, round(time.time() - started, 1)
 
 
+def checkpoint_interval_s() -> float:
+    """Least seconds between two checkpoints (`MEDRAY_CHECKPOINT_INTERVAL_S`, default 1; 0 = every
+    epoch). Epochs longer than that are each checkpointed; shorter ones in groups; the last always."""
+    value = os.environ.get("MEDRAY_CHECKPOINT_INTERVAL_S", "1")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        raise MedrayError(f"MEDRAY_CHECKPOINT_INTERVAL_S must be a number of seconds, got {value!r}") from None
+
+
 def run_trainer(loop, config: dict, datasets: dict, *, name: str, storage: str, workers: int, gpu: bool,
                 max_failures: int, placement_strategy: str = "PACK", num_to_keep: int | None = None):
     """Fit a TorchTrainer running `loop` on `workers` workers (one CPU, and a GPU with `gpu`, each)

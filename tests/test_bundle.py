@@ -122,3 +122,20 @@ def test_replacing_a_bundle_is_one_atomic_exchange_on_linux(tmp_path, monkeypatc
     monkeypatch.setattr(mb.os, "rename", lambda *a: pytest.fail("rename used: a window without a bundle"))
     _bundle(tmp_path, seed=1)
     assert swaps == [True] and sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_an_ensemble_bundle_predicts_the_mean_of_its_members(tmp_path):
+    torch.manual_seed(0)
+    x = np.random.default_rng(1).normal(size=(12, 5)).astype(np.float32)
+    prep = StandardScaler.fit(x, [f"f{i}" for i in range(5)])
+    member = {"name": "mlp", "params": {"hidden": [8], "dropout": 0.0}}
+    arch = {"name": "ensemble", "params": {"members": 3, "member": member}}
+    model = build_model(arch, prep.input_shape, 3).eval()
+    meta = {"task": "exercise", "model": arch, "preprocessing": prep.to_dict(), "labels": ["a", "b", "c"],
+            "input_shape": prep.input_shape, "metrics": {}}
+    b = load_bundle(write_bundle(tmp_path / "e", model.state_dict(), meta))
+    xt = torch.from_numpy(prep.transform(x))
+    members = [torch.softmax(m(xt), 1).detach().numpy() for m in model.members]
+    assert not np.allclose(members[0], members[1])  # different initial weights
+    assert np.allclose(b.predict(x), np.mean(members, axis=0), atol=1e-6)
+    assert model(xt, members=True).shape == (3, 12, 3)

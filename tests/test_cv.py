@@ -66,3 +66,12 @@ def test_cv_trains_one_job_per_fold_and_summarises(ray_session, tmp_path, capsys
     again = json.loads((tmp_path / "cv" / "cv.json").read_text())
     assert again["summary"] == result["summary"]
     assert "already has 2 epochs" in capsys.readouterr().out
+
+
+def test_preset_overrides_name_their_section(tmp_path):
+    from medray.errors import MedrayError
+    from medray.train import train
+
+    with pytest.raises(MedrayError, match="unknown section 'optimizer'"):
+        train("genomic", str(shared("genomic", "splice.fasta")), str(tmp_path / "b"), overrides={"optimizer": {}})
+    assert not (tmp_path / "b").exists()

@@ -35,6 +35,13 @@ from medray.train_common import (CHECKPOINT_META, STATE, latest_local_checkpoint
 
 pytestmark = pytest.mark.ray
 
+
+@pytest.fixture(autouse=True)
+def checkpoint_every_epoch(monkeypatch):
+    """These tests kill runs between epochs and count what each checkpoint holds: one per epoch,
+    however short the epochs are on this machine (medray.train_common.checkpoint_interval_s)."""
+    monkeypatch.setenv("MEDRAY_CHECKPOINT_INTERVAL_S", "0")
+
 RESULTS = ROOT / "benchmarks" / "results" / "faults_training.json"
 
 

@@ -39,6 +39,18 @@ def test_two_workers_train_a_generator_far_closer_to_real_dna_than_random(gan):
     assert real["kmer_js_k4"] < g["kmer_js_k4"]  # a second real sample is closer still, as it should be
     assert g["copies_of_training"] < 0.05
     assert set(report["per_class"]) == {"EI", "IE", "N"}
+    # the bundle's report: curves, k-mer spectra, per-position frequencies, and a card stating them
+    from PIL import Image
+
+    from medray.report import GAN_PICTURES
+
+    folder = path / "report"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*GAN_PICTURES, "model_card.md"])
+    for name in GAN_PICTURES:
+        with Image.open(folder / name) as im:
+            assert im.format == "PNG" and im.width >= 400 and len(set(im.convert("L").getdata())) > 20, name
+    card = (folder / "model_card.md").read_text()
+    assert "| kmer_js_k6 |" in card and "| copies_of_training |" in card
 
 
 def test_seeded_generation_is_reproducible_and_labelled(gan):

@@ -31,9 +31,12 @@ def test_two_workers_train_a_bundle_that_beats_the_majority_class(trained, stora
         assert len(h["rows_per_worker"]) == 2
         assert all(abs(r - n_train / 2) <= 0.05 * n_train for r in h["rows_per_worker"]), h["rows_per_worker"]
         assert sum(h["rows_per_worker"]) <= n_train
-    # a checkpoint per epoch in the storage path
+    # checkpoints in the storage path: the last epoch's, and every epoch's that took over the
+    # checkpoint interval (1 s); shorter epochs are checkpointed in groups
     ckpts = sorted((storage / f"test-{task}").glob("checkpoint_*/checkpoint.json"))
-    assert sorted(json.loads(c.read_text())["epoch"] for c in ckpts) == list(range(1, epochs + 1))
+    ckpt_epochs = sorted(json.loads(c.read_text())["epoch"] for c in ckpts)
+    assert ckpt_epochs[-1] == epochs and len(set(ckpt_epochs)) == len(ckpt_epochs)
+    assert {h["epoch"] for h in history if h["seconds"] >= 1.5} <= set(ckpt_epochs), (ckpt_epochs, history)
     # the bundle loads without Ray and beats always predicting the majority class: on accuracy, or,
     # for a model trained with balanced class weights (it trades majority-class hits for minority
     # recall), on balanced accuracy, where the majority-class predictor scores 1/K
@@ -53,6 +56,8 @@ def test_two_workers_train_a_bundle_that_beats_the_majority_class(trained, stora
     for key in ("task", "model", "preprocessing", "labels", "input", "metrics", "versions"):
         assert key in bundle.meta
     assert bundle.meta["data"]["fingerprint"] and bundle.meta["versions"]["ray"]
+    # the report in the bundle: curves, confusion matrix, ROC, reliability diagram, model card
+    assert_report(path / "report", val, curves=True)
     # evaluation on the source data works end to end
     report = evaluate_file(bundle, data)
     assert report["n"] == meta["data"]["rows"] and report["labels"] == bundle.labels
@@ -78,11 +83,35 @@ def test_cli_predict_matches_library_and_evaluate_prints_json(trained, tmp_path)
     assert csv.stdout.splitlines()[0] == "id,label,p_EI,p_IE,p_N,bundle,version"  # medray.inference.prediction_columns
     bundle = load_bundle(path)
     assert all(r["bundle"] == bundle.name and r["version"] == bundle.version for r in rows)
-    ev = subprocess.run([*cli, "evaluate", str(path), "--data", data], check=True, capture_output=True, text=True)
+    ev = subprocess.run([*cli, "evaluate", str(path), "--data", data, "--report", str(tmp_path / "report")],
+                        check=True, capture_output=True, text=True)
     report = json.loads(ev.stdout)
-    for key in ("n", "accuracy", "balanced_accuracy", "macro_f1", "auroc", "per_class", "confusion_matrix", "labels"):
+    for key in ("n", "accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece", "reliability", "per_class",
+                "confusion_matrix", "labels"):
         assert key in report
     assert set(report["per_class"]["EI"]) >= {"sensitivity", "specificity"}
+    assert sum(r["count"] for r in report["reliability"]) == report["n"]
+    # --report: the pictures and a card for this data (no training curves: those belong to the bundle)
+    assert_report(tmp_path / "report", report, curves=False)
+    assert f"`{data}`" in (tmp_path / "report" / "model_card.md").read_text()
+
+
+def assert_report(folder: Path, metrics: dict, curves: bool) -> None:
+    """A report folder: readable PNGs of a sensible size, and a model card that links them and
+    states the figures."""
+    from PIL import Image
+
+    from medray.report import PICTURES
+
+    expected = [p for p in PICTURES if curves or p != "curves.png"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*expected, "model_card.md"])
+    for name in expected:
+        with Image.open(folder / name) as im:
+            assert im.format == "PNG" and im.width >= 400 and im.height >= 300, (name, im.size)
+            assert len(set(im.convert("L").getdata())) > 20, name  # drawn on, not blank
+    card = (folder / "model_card.md").read_text()
+    assert all(f"({name})" in card for name in expected)
+    assert f"| {metrics['n']} | {metrics['accuracy']:.3f} | {metrics['balanced_accuracy']:.3f} |" in card
 
 
 def test_resume_continues_at_epoch_three(ray_session, storage, tmp_path):
