@@ -38,9 +38,7 @@ def _pyplot():
     return plt
 
 
-def plot_curves(history: list[dict], path: Path) -> bool:
-    if not history:
-        return False
+def plot_curves(history: list[dict], path: Path) -> None:
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -60,7 +58,6 @@ def plot_curves(history: list[dict], path: Path) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
 
 
 def plot_confusion(metrics: dict, path: Path) -> None:
@@ -127,7 +124,7 @@ def _fmt(v) -> str:
     return "–" if v is None else f"{v:.3f}"
 
 
-def model_card(meta: dict, metrics: dict, *, evaluated_on: str | None = None) -> str:
+def model_card(meta: dict, metrics: dict, *, evaluated_on: str | None = None, pictures=PICTURES) -> str:
     """Markdown: what the model is, what it was trained and judged on, how well, and its limits."""
     tr, data, cal = meta.get("training", {}), meta.get("data", {}), meta.get("calibration") or {}
     split = data.get("split", {})
@@ -171,7 +168,7 @@ def model_card(meta: dict, metrics: dict, *, evaluated_on: str | None = None) ->
                   f"fitted on: {_fmt(cal.get('ece_calibrated'))}; cross-fitted (fitted on half, judged on the other "
                   f"half): {_fmt(cal.get('ece_crossfit'))}."]
     lines += ["", "## Pictures", ""]
-    lines += [f"![{p[:-4]}]({p})" for p in PICTURES]
+    lines += [f"![{p[:-4]}]({p})" for p in pictures]
     lines += ["", "## Intended use and limits", "",
               "- Research and decision support evaluated by the deploying team; not a medical device and not "
               "cleared for diagnosis. A clinician reviews every output.",
@@ -192,15 +189,13 @@ def write_report(folder: str | Path, meta: dict, y: np.ndarray, probs: np.ndarra
     folder.mkdir(parents=True, exist_ok=True)
     y, probs = np.asarray(y, dtype=np.int64), np.asarray(probs, dtype=np.float64)
     metrics = classification_metrics(y, probs, meta["labels"])
-    if not plot_curves(history or [], folder / "curves.png"):
-        (folder / "curves.png").unlink(missing_ok=True)
+    pictures = [p for p in PICTURES if history or p != "curves.png"]  # curves: a bundle's training history
+    if history:
+        plot_curves(history, folder / "curves.png")
     plot_confusion(metrics, folder / "confusion_matrix.png")
     plot_roc(y, probs, meta["labels"], folder / "roc.png")
     plot_calibration(metrics, folder / "calibration.png")
-    card = model_card(meta, metrics, evaluated_on=evaluated_on)
-    if not history:
-        card = card.replace("![curves](curves.png)\n", "")
-    (folder / "model_card.md").write_text(card)
+    (folder / "model_card.md").write_text(model_card(meta, metrics, evaluated_on=evaluated_on, pictures=pictures))
     return folder
 
 
