@@ -17,23 +17,37 @@ def _train(args) -> int:
 
         given = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr),
                                    ("n_critic", args.n_critic)) if v is not None}
-        train_gan(args.data, args.out, workers=args.workers, gpu=args.gpu, storage=args.storage, name=args.name,
+        meta = train_gan(args.data, args.out, workers=args.workers, gpu=args.gpu, storage=args.storage, name=args.name,
                   seed=args.seed, conditional=args.conditional, max_failures=args.max_failures, address=args.address,
                   skip_bad=args.skip_bad, **given)
-        return 0
+        return _log_into_run(meta)
     if args.conditional or args.n_critic is not None:
         raise MedrayError("--conditional and --n-critic are for genomic-gan")
     from medray.train import train
 
-    train(args.task, args.data, args.out, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+    meta = train(args.task, args.data, args.out, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
           lr=args.lr, workers=args.workers, gpu=args.gpu, storage=args.storage, name=args.name, seed=args.seed,
           val_fraction=args.val_fraction, group_column=args.group_column, label_column=args.label_column,
           max_failures=args.max_failures, address=args.address, skip_bad=args.skip_bad)
+    return _log_into_run(meta)
+
+
+def _log_into_run(meta: dict) -> int:
+    """`medray train`'s log file ends up in its run directory, beside the checkpoints."""
+    from medray import console
+
+    run = meta["training"]
+    console.move_log(f"{run['storage_path']}/{run['run_name']}")
+    if console.log_path():
+        console.say(f"[medray] log: {console.log_path()}")
     return 0
 
 
 def _cv(args) -> int:
+    from medray import console
     from medray.cv import cross_validate, format_summary
+
+    console.set_mode(epoch_lines=False)  # plain output: a line per fold, not per epoch
 
     try:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
@@ -44,8 +58,12 @@ def _cv(args) -> int:
                             gpu=args.gpu, storage=args.storage, group_column=args.group_column,
                             label_column=args.label_column, max_failures=args.max_failures, address=args.address,
                             skip_bad=args.skip_bad)
-    print(format_summary(result))
-    print(json.dumps({"summary": result["summary"]}))
+    if args.out:
+        console.move_log(args.out)
+    console.say(format_summary(result))
+    console.say(json.dumps({"summary": result["summary"]}))
+    if console.log_path():
+        console.say(f"[medray] log: {console.log_path()}")
     return 0
 
 
@@ -167,9 +185,14 @@ def _jobs(args) -> int:
 
 
 def _demo(args) -> int:
+    from medray import console
     from medray.demo import run_demo
 
+    console.set_mode(epoch_lines=False)  # plain output: a line per model, not per epoch
+    console.move_log(args.workdir)
     run_demo(args.workdir, workers=args.workers, quick=args.quick)
+    if console.log_path():
+        console.say(f"[medray] log (Ray's own output, warnings): {console.log_path()}")
     return 0
 
 
@@ -271,12 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default=".medray-demo")
     d.add_argument("--workers", type=int, default=2)
     d.add_argument("--quick", action="store_true", help="smaller data (for tests)")
+    _verbose_argument(d)
     d.set_defaults(func=_demo)
     return p
 
 
+def _verbose_argument(p) -> None:
+    p.add_argument("--verbose", action="store_true", help="show Ray's own output and warnings on the terminal "
+                   "(default: they go to a log file, named at the end; medray shows its progress display)")
+
+
 def _training_arguments(p) -> None:
     """What `train` and `cv` share: the model, its recipe, the workers and the data's columns."""
+    _verbose_argument(p)
     p.add_argument("--model", help="architecture (default: the task's best measured one; see presets/)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
@@ -305,19 +335,42 @@ def _inference_arguments(p) -> None:
                    help="auto (default): in this process for small local data, else Ray Data")
 
 
+# commands that run Ray Train jobs: quiet by default (medray/console.py), --verbose for everything
+QUIET_COMMANDS = ("train", "cv", "tune", "demo")
+
+
 def main(argv=None) -> int:
+    import contextlib
+
+    from medray import console
+
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except MedrayError as e:
-        print(f"medray: error: {e}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # `medray predict … | head`
-        sys.stderr.close()
-        return 0
-    except KeyboardInterrupt:
-        print("medray: interrupted", file=sys.stderr)
-        return 130
+    quiet = (console.quiet(args.command, verbose=getattr(args, "verbose", False))
+             if args.command in QUIET_COMMANDS else contextlib.nullcontext())
+    with quiet:
+        try:
+            return args.func(args)
+        except MedrayError as e:
+            console.error(f"medray: error: {e}")
+            _name_log(console)
+            return 2
+        except BrokenPipeError:  # `medray predict … | head`
+            sys.stderr.close()
+            return 0
+        except KeyboardInterrupt:
+            console.error("medray: interrupted")
+            return 130
+        except Exception:  # a bug, or an error from a library: its traceback, in full, on the terminal
+            import traceback
+
+            console.error(traceback.format_exc().rstrip())
+            _name_log(console)
+            return 1
+
+
+def _name_log(console) -> None:
+    if console.log_path():
+        console.error(f"medray: Ray's own output for this run is in {console.log_path()}")
 
 
 if __name__ == "__main__":

@@ -45,13 +45,15 @@ def summarise(folds: list[dict]) -> dict:
     return out
 
 
-def cross_validate(task: str, data: str, *, folds: int = 5, seeds=(0,), out: str | None = None, log=print,
+def cross_validate(task: str, data: str, *, folds: int = 5, seeds=(0,), out: str | None = None, log=None,
                    **train_options) -> dict:
     """Grouped (or stratified) K-fold CV of `task` on `data`, one `medray.train.train` per fold and
     seed; `train_options` are `train`'s (model, epochs, group_column, workers, storage, …).
     Returns {"task", "folds", "seeds", "model", "group_column", "summary", "per_fold"}."""
+    from medray.console import say
     from medray.train import train
 
+    log = log or say
     if folds < 2:
         raise MedrayError("--folds must be at least 2")
     seeds = list(seeds) or [0]
@@ -60,9 +62,8 @@ def cross_validate(task: str, data: str, *, folds: int = 5, seeds=(0,), out: str
         root = Path(out) if out else Path(tmp)
         for seed in seeds:
             for i in range(folds):
-                log(f"[medray] cv: seed {seed}, fold {i + 1}/{folds}")
                 meta = train(task, data, str(root / f"seed{seed}-fold{i}"), seed=seed, fold=(folds, i), log=log,
-                             **train_options)
+                             label=f"cv seed {seed} fold {i + 1}/{folds}", **train_options)
                 per_fold.append({"seed": seed, "fold": i, **fold_metrics(meta)})
     result = {"task": task, "data": str(data), "folds": folds, "seeds": seeds, "model": describe(meta["model"]),
               "group_column": train_options.get("group_column"), "summary": summarise(per_fold),

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from medray.bundle import Bundle, write_bundle
+from medray.console import StepTicker, epoch_done, say
 from medray.data import pipeline
 from medray.data.dataset import skipped_summary, skipped_warning
 from medray.data.genomic import BASES, read_genomic, sequence_hash
@@ -99,7 +100,9 @@ def gan_loop_per_worker(config: dict):
         t0 = time.time()
         gen.train()
         c_losses, g_losses, gps, step = [], [], [], 0
+        tick = StepTicker(config if rank == 0 else {}, epoch)
         for step in range(1, config["steps_per_epoch"] + 1):
+            tick(step)
             idx = torch.randint(0, len(xs), (config["batch_size"],), generator=rng).to(device)
             real, y = xs[idx], ys[idx]
             n = len(real)
@@ -138,6 +141,8 @@ def gan_loop_per_worker(config: dict):
             sample = sample_sequences(gen, 512, None, config["seed"] + epoch, config["labels"])[0]
             metrics["kmer4_js"] = round(kmer_js(sample, config["reference"], 4), 5)
         history.append(metrics)
+        if rank == 0:
+            epoch_done(config, epoch, metrics)  # the driver's progress display
         with tempfile.TemporaryDirectory() as tmp:
             out = None
             if rank == 0:
@@ -330,7 +335,7 @@ def train_gan(data: str, out: str, *, epochs: int = 24, batch_size: int = 32, lr
               conditional: bool = False, n_critic: int = 5, gp_weight: float = 10.0, z_dim: int = 64,
               steps_per_epoch: int = 500,
               max_failures: int = 2, address: str | None = None, placement_strategy: str = "PACK",
-              skip_bad: bool = False, log=print, **_ignored) -> dict:
+              skip_bad: bool = False, log=say, label: str | None = None, **_ignored) -> dict:
     from medray.ray_runtime import ensure_ray
 
     if epochs < 1 or batch_size < 2 or workers < 1 or lr <= 0:
@@ -367,7 +372,7 @@ def train_gan(data: str, out: str, *, epochs: int = 24, batch_size: int = 32, lr
     datasets = {"train": pipeline.dataset(source, keys.keys[keep], enc, label_index, shuffle_seed=seed)}
     state, seconds = run_trainer(gan_loop_per_worker, config, datasets, name=name, storage=storage, workers=workers,
                                  gpu=gpu, max_failures=max_failures, placement_strategy=placement_strategy,
-                                 num_to_keep=3)
+                                 num_to_keep=3, label=label or TASK)
     meta = {
         "name": Path(out).name, "task": TASK, "model": arch,
         "training": {**recipe, "optimizer": "Adam(0.5, 0.9)", "loss": "WGAN-GP", "seed": seed, "workers": workers,

@@ -22,6 +22,7 @@ import torch
 from medray.augment import augment_batch
 from medray.bundle import write_bundle
 from medray.calibration import calibrate, scale
+from medray.console import StepTicker, describe_epoch, epoch_done, say
 from medray.data import pipeline
 from medray.data.dataset import skipped_summary, skipped_warning
 from medray.errors import DataError, MedrayError
@@ -99,8 +100,10 @@ def train_loop_per_worker(config: dict):
         t0 = time.time()
         model.train()
         rows, loss_sum, steps, first_step_s = 0, 0.0, 0, None
+        tick = StepTicker(config if rank == 0 else {}, epoch)
         for x, y in feed.epoch(epoch):
             steps += 1
+            tick(steps)
             if first_step_s is None:
                 first_step_s = time.time() - t0
             x = augment_batch(x, config["augment"], config["input_shape"], gen)
@@ -173,6 +176,10 @@ def train_loop_per_worker(config: dict):
             "resumed_from_epoch": resumed_from if epoch == start_epoch else None,
         }
         history.append(metrics)
+        if rank == 0:  # every epoch, reported or not: the driver's progress display, the log
+            epoch_done(config, epoch, metrics)
+            print(f"[medray] epoch {epoch}/{config['epochs']}  {describe_epoch(metrics)}  "
+                  f"rows/worker {rows_per_worker}  {metrics['seconds']}s", flush=True)
         if not due:
             continue
         with tempfile.TemporaryDirectory() as tmp:
@@ -191,16 +198,8 @@ def train_loop_per_worker(config: dict):
                     "attempt": attempt,
                 }, {"epoch": epoch, "fingerprint": config["fingerprint"]})
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-                print(f"[medray] epoch {epoch}/{config['epochs']}  loss {train_loss:.4f}  "
-                      f"val_loss {metrics['val_loss']:.4f}  val_acc {_fmt(metrics['val_accuracy'])}  "
-                      f"val_bal_acc {_fmt(metrics['val_balanced_accuracy'])}  rows/worker {rows_per_worker}  "
-                      f"{metrics['seconds']}s", flush=True)
             ray.train.report(metrics, checkpoint=ckpt)
         last_report = time.time()
-
-
-def _fmt(v):
-    return "-" if v is None else f"{v:.3f}"
 
 
 def train(
@@ -226,7 +225,8 @@ def train(
     skip_bad: bool = False,
     fold: tuple[int, int] | None = None,
     overrides: dict | None = None,
-    log=print,
+    log=say,
+    label: str | None = None,
 ) -> dict:
     """Train one model as a Ray Train job and write its bundle to `out`. Returns bundle.json.
 
@@ -234,7 +234,8 @@ def train(
     them; with `skip_bad` they are left out, logged, and counted in the bundle's `data.skipped`.
     `fold=(k, i)` validates on the i-th of k seeded folds (`medray cv`) instead of `val_fraction`.
     `overrides` ({"params": {...}, "preprocessing": {...}, "train": {...}, "ensemble": N}) change the preset's
-    entries (model selection: `benchmarks/model_selection.py`)."""
+    entries (model selection: `benchmarks/model_selection.py`). `label` names the run on the progress
+    display (default: the task and model)."""
     preset = load_preset(task, model)
     for section, values in (overrides or {}).items():
         if section == "ensemble":
@@ -310,7 +311,8 @@ def train(
     datasets = {"train": pipeline.dataset(source, tr_keys, prep, label_index, shuffle_seed=seed),
                 "val": pipeline.dataset(source, va_keys, prep, label_index)}
     state, seconds = run_trainer(train_loop_per_worker, config, datasets, name=name, storage=storage, workers=workers,
-                                 gpu=gpu, max_failures=max_failures, placement_strategy=placement_strategy)
+                                 gpu=gpu, max_failures=max_failures, placement_strategy=placement_strategy,
+                                 label=label or f"{task} {preset['name']}")
     meta = {
         "name": Path(out).name,
         "task": task,

@@ -235,28 +235,33 @@ def checkpoint_interval_s() -> float:
 
 
 def run_trainer(loop, config: dict, datasets: dict, *, name: str, storage: str, workers: int, gpu: bool,
-                max_failures: int, placement_strategy: str = "PACK", num_to_keep: int | None = None):
+                max_failures: int, placement_strategy: str = "PACK", num_to_keep: int | None = None,
+                label: str | None = None):
     """Fit a TorchTrainer running `loop` on `workers` workers (one CPU, and a GPU with `gpu`, each)
-    over `datasets` (each split across the workers); the final checkpoint's state and the seconds."""
+    over `datasets` (each split across the workers); the final checkpoint's state and the seconds.
+    The loop finds a progress queue in `config["progress"]` (medray/console.py), shown as `label`."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from medray.console import progress_run
+
     resources = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
-    trainer = TorchTrainer(
-        loop,
-        train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources,
-                                               placement_strategy=placement_strategy),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
-        ),
-        datasets=datasets,
-        dataset_config=whole_validation_config(),
-    )
-    return fit_to_final_state(trainer, name)
+    with progress_run(label or name, config["epochs"]) as progress:  # rank 0 → the driver's display
+        trainer = TorchTrainer(
+            loop,
+            train_loop_config={**config, "progress": progress},
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources,
+                                                   placement_strategy=placement_strategy),
+            run_config=ray.train.RunConfig(
+                name=name,
+                storage_path=storage,
+                failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
+            ),
+            datasets=datasets,
+            dataset_config=whole_validation_config(),
+        )
+        return fit_to_final_state(trainer, name)
 
 
 def whole_validation_config():
