@@ -264,21 +264,20 @@ def progress_run(label: str, epochs: int):
     display = _Display(label, epochs)
     stop = threading.Event()
 
-    def drain():
+    def drain():  # one blocking call per event (or per half second when idle): no busy polling
         while True:
             try:
-                n = queue.qsize()
-                items = queue.get_nowait_batch(n) if n else []
-            except (Empty, Exception):
-                items = []
-            for ev in items:
-                try:
-                    display.event(ev)
-                except Exception:  # a drawing problem never stops training
-                    pass
-            if stop.is_set() and not items:
+                ev = queue.get(block=True, timeout=0.5)
+            except Empty:
+                if stop.is_set():
+                    return
+                continue
+            except Exception:  # the queue actor is gone
                 return
-            time.sleep(0.2)
+            try:
+                display.event(ev)
+            except Exception:  # a drawing problem never stops training
+                pass
 
     thread = threading.Thread(target=drain, name="medray-progress", daemon=True)
     thread.start()
