@@ -31,8 +31,9 @@ from medray.models import Ensemble, build_model
 from medray.report import write_report
 from medray.split import resolve_groups, split_indices
 from medray.tasks import encode_labels, fit_preprocessor, load_preset
-from medray.train_common import (STATE, ShardFeed, checkpoint_interval_s, fits_in_worker_memory, gather,
-                                 resolve_run_storage, run_trainer, unwrap, write_checkpoint_files)
+from medray.train_common import (DDP_OPTIONS, STATE, ShardFeed, average_buffers, checkpoint_interval_s,
+                                 fits_in_worker_memory, gather, resolve_run_storage, run_trainer, unwrap,
+                                 write_checkpoint_files)
 
 # ----------------------------------------------------------------------------- worker side
 def _amp_settings(device: torch.device):
@@ -83,7 +84,7 @@ def train_loop_per_worker(config: dict):
         if rank == 0:
             print(f"[medray] resuming from checkpoint at epoch {state['epoch']}", flush=True)
 
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=DDP_OPTIONS)
     device = ray.train.torch.get_device()
     amp_dtype, use_scaler = _amp_settings(device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
@@ -123,6 +124,7 @@ def train_loop_per_worker(config: dict):
             loss_sum += float(loss.detach()) * len(y)
 
         train_s, train_wait = time.time() - t0, feed.wait_s
+        average_buffers(model)  # BatchNorm statistics of every shard, the same on every rank
         model.eval()
         probs, ys, val_loss = [], [], 0.0
         with torch.inference_mode():
@@ -145,10 +147,12 @@ def train_loop_per_worker(config: dict):
         y_all = np.concatenate([p[1] for p in parts])
         rows_per_worker = [int(p[2]) for p in parts]
         train_loss = sum(p[3] for p in parts) / max(1, sum(rows_per_worker))
-        val = classification_metrics(y_all, p_all, config["labels"]) if len(y_all) else {}
+        # metrics on rank 0 only (its report and checkpoint are the ones kept): on a small node the
+        # other ranks' copies of this work would only take CPU from rank 0
+        val = classification_metrics(y_all, p_all, config["labels"]) if len(y_all) and rank == 0 else {}
         val_ece, calibration = val.get("ece"), None
         final = None
-        if epoch == config["epochs"] and len(y_all):  # the bundle's model: fit its temperature
+        if epoch == config["epochs"] and len(y_all) and rank == 0:  # the bundle's model: fit its temperature
             calibration = calibrate(p_all, y_all, seed=config["seed"])
             final = {"y": y_all, "probs": scale(p_all, calibration["temperature"]).astype(np.float32)}
             val = classification_metrics(y_all, final["probs"], config["labels"])

@@ -38,6 +38,33 @@ def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
+def average_buffers(model) -> None:
+    """Average the floating-point buffers (BatchNorm running statistics) over the workers. The DDP
+    wrapper is built with `forward_sync_buffers=False` (no broadcast of rank 0's buffers before
+    every forward: a second collective per step, 15 % of a small model's step on 2 CPU cores);
+    instead each worker keeps statistics of its own shard and they are averaged once an epoch,
+    before validation and the checkpoint: every rank then validates the same model, and the saved
+    statistics cover every shard rather than rank 0's alone."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    bufs = [b for b in unwrap(model).buffers() if b.is_floating_point()]
+    if not bufs:
+        return
+    flat = torch.cat([b.detach().reshape(-1) for b in bufs])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for b in bufs:
+        b.copy_(flat[offset: offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
+# what `prepare_model` passes to DDP (see average_buffers)
+DDP_OPTIONS = {"forward_sync_buffers": False}
+
+
 def gather(obj) -> list:
     """`obj` of every worker, in rank order (just [obj] without a process group)."""
     import torch.distributed as dist

@@ -48,7 +48,7 @@ def test_two_workers_train_a_generator_far_closer_to_real_dna_than_random(gan):
     assert sorted(p.name for p in folder.iterdir()) == sorted([*GAN_PICTURES, "model_card.md"])
     for name in GAN_PICTURES:
         with Image.open(folder / name) as im:
-            assert im.format == "PNG" and im.width >= 400 and len(set(im.convert("L").getdata())) > 20, name
+            assert im.format == "PNG" and im.width >= 400 and len(set(im.convert("L").get_flattened_data())) > 20, name
     card = (folder / "model_card.md").read_text()
     assert "| kmer_js_k6 |" in card and "| copies_of_training |" in card
 

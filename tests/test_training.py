@@ -108,7 +108,7 @@ def assert_report(folder: Path, metrics: dict, curves: bool) -> None:
     for name in expected:
         with Image.open(folder / name) as im:
             assert im.format == "PNG" and im.width >= 400 and im.height >= 300, (name, im.size)
-            assert len(set(im.convert("L").getdata())) > 20, name  # drawn on, not blank
+            assert len(set(im.convert("L").get_flattened_data())) > 20, name  # drawn on, not blank
     card = (folder / "model_card.md").read_text()
     assert all(f"({name})" in card for name in expected)
     assert f"| {metrics['n']} | {metrics['accuracy']:.3f} | {metrics['balanced_accuracy']:.3f} |" in card
