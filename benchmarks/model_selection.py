@@ -5,7 +5,8 @@ from this table.
     .venv/bin/python benchmarks/model_selection.py                         # every candidate
     .venv/bin/python benchmarks/model_selection.py --tasks genomic --folds 5 --seeds 0
 
-A candidate is (task, model, overrides of the preset: params / preprocessing / train). Results:
+A candidate is (task, model, overrides of the preset: params / preprocessing / train / ensemble, and
+`exclude_train`: a FILE:COLUMN under ../shared/data whose flagged rows are left out of training). Results:
 benchmarks/results/model_selection.json (per fold) and model_selection.md (mean ± sd).
 """
 
@@ -38,6 +39,9 @@ CANDIDATES = [
     ("exercise", "cnn1d", {"ensemble": 3}),
     ("ultrasound", "convnet", {}),
     ("ultrasound", "resnet", {}),
+    ("ultrasound", "convnet", {"train": {"augment": {"hflip": True, "shift": 0.06, "brightness": 0.1, "contrast": 0.2,
+                                                     "rotate": 10, "crop_scale": [0.7, 1.0]}}}),
+    ("ultrasound", "convnet", {"exclude_train": "ultrasound/manifest.csv:label_conflict"}),
 ]
 
 
@@ -51,6 +55,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="*", default=list(SOURCES))
     p.add_argument("--models", nargs="*", help="only these models")
+    p.add_argument("--match", help="only candidates whose label contains this text")
+    p.add_argument("--keep-bundles", metavar="DIR", help="keep every fold's bundle under DIR/<candidate> "
+                   "(for post-hoc checks such as test-time augmentation)")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seeds", type=int, nargs="*", default=[0])
     p.add_argument("--storage", default=str(ROOT / "runs" / "model-selection"))
@@ -63,13 +70,19 @@ def main(argv=None) -> int:
     for task, model, overrides in CANDIDATES:
         if task not in args.tasks or (args.models and model not in args.models):
             continue
+        key = f"{task} | {_label(model, overrides)}"
+        if args.match and args.match not in key:
+            continue
         data, group = SOURCES[task]
         group = str(DATA / group) if ":" in group else group
+        options = {"exclude_train": str(DATA / overrides["exclude_train"])} if "exclude_train" in overrides else {}
+        if args.keep_bundles:
+            options["out"] = str(Path(args.keep_bundles) / "".join(c if c.isalnum() else "_" for c in key)[:120])
+            Path(options["out"]).mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         r = cross_validate(task, str(DATA / data), folds=args.folds, seeds=args.seeds, model=model,
-                           group_column=group, workers=2, storage=args.storage, overrides=overrides,
-                           log=lambda *a: None)
-        key = f"{task} | {_label(model, overrides)}"
+                           group_column=group, workers=2, storage=args.storage, log=lambda *a: None,
+                           overrides={k: v for k, v in overrides.items() if k != "exclude_train"}, **options)
         results[key] = {"task": task, "model": model, "overrides": overrides, "folds": args.folds,
                         "seeds": args.seeds, "group_column": group, "seconds": round(time.time() - t0),
                         "summary": r["summary"], "per_fold": r["per_fold"]}
@@ -77,7 +90,9 @@ def main(argv=None) -> int:
               flush=True)
         RESULTS.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2))
-        (RESULTS / "model_selection.md").write_text(table(results))
+        md = RESULTS / "model_selection.md"
+        notes = md.read_text().partition("\n## ")  # dated notes below the table are kept
+        md.write_text(table(results) + (f"\n## {notes[2]}" if notes[1] else ""))
     print(table(results))
     return 0
 

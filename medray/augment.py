@@ -1,7 +1,14 @@
 """Training-time augmentation on batches (tensors), configured per model in the presets.
 
-Images (N, 1, H, W): `hflip` (random horizontal flip), `shift` (random translation, fraction of
-the side), `brightness` (random additive/multiplicative jitter in normalised units).
+Images (N, 1, H, W), per image with `torchvision.transforms.v2`: `hflip` (RandomHorizontalFlip),
+`shift` (random translation, fraction of the side: RandomCrop of the edge-padded image),
+`rotate` (RandomRotation, ± degrees), `crop_scale` ([lo, hi]: RandomResizedCrop keeping that share
+of the area, aspect 3/4..4/3), then per batch `brightness` (additive/multiplicative jitter) and
+`contrast` (scaling about each image's mean), in normalised units: torchvision's ColorJitter
+assumes [0, 1] pixels and clamps to them, which would destroy standardised inputs.
+The torchvision draws come from torch's global generator inside `torch.random.fork_rng`, reseeded
+from `generator` once per batch: the same seed gives the same augmentation, and the training
+loop's own random stream (dropout) is not disturbed.
 Time series (N, F) with a (C, T) layout: `time_shift` (random circular shift, fraction of T),
 `scale` (random per-channel amplitude scaling).
 """
@@ -21,20 +28,23 @@ def augment_batch(x: torch.Tensor, spec: dict, input_shape, generator: torch.Gen
         return torch.rand(*shape, generator=generator).to(dev)
 
     if len(input_shape) == 3:  # images
-        if spec.get("hflip"):
-            flip = rand(n) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        if spec.get("shift"):
-            h, w = input_shape[1:]
-            m = int(spec["shift"] * min(h, w))
-            if m > 0:
-                padded = torch.nn.functional.pad(x, (m, m, m, m), mode="replicate")
-                dy = (rand(n) * (2 * m + 1)).long().tolist()
-                dx = (rand(n) * (2 * m + 1)).long().tolist()
-                x = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+        transform = _image_transform(spec, tuple(input_shape[1:]))
+        if transform is not None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                if spec.get("rotate"):  # rotated corners filled with each image's darkest value, not 0
+                    lows = x.amin(dim=(1, 2, 3), keepdim=True).cpu()
+                    x = torch.stack([transform(img) for img in x.cpu() - lows]) + lows
+                else:
+                    x = torch.stack([transform(img) for img in x.cpu()])
+                x = x.to(dev)
         if spec.get("brightness"):
             b = spec["brightness"]
             x = x * (1 + (rand(n, 1, 1, 1) * 2 - 1) * b) + (rand(n, 1, 1, 1) * 2 - 1) * b
+        if spec.get("contrast"):
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = (x - mean) * (1 + (rand(n, 1, 1, 1) * 2 - 1) * spec["contrast"]) + mean
         return x
     if len(input_shape) == 2:  # (channels, time) series stored flat
         c, t = input_shape
@@ -48,3 +58,29 @@ def augment_batch(x: torch.Tensor, spec: dict, input_shape, generator: torch.Gen
             x = x * (1 + (rand(n, c, 1) * 2 - 1) * spec["scale"])
         return x.reshape(original)
     return x
+
+
+_TRANSFORMS: dict = {}
+
+
+def _image_transform(spec: dict, hw: tuple):
+    """The torchvision.transforms.v2 pipeline of an image spec (None when it has no geometric part);
+    built once per (spec, size)."""
+    key = (tuple(sorted((k, str(v)) for k, v in spec.items())), hw)
+    if key not in _TRANSFORMS:
+        from torchvision.transforms import v2
+
+        steps = []
+        if spec.get("crop_scale"):
+            lo, hi = spec["crop_scale"]
+            steps.append(v2.RandomResizedCrop(hw, scale=(float(lo), float(hi)), antialias=True))
+        if spec.get("rotate"):
+            steps.append(v2.RandomRotation(float(spec["rotate"]), interpolation=v2.InterpolationMode.BILINEAR))
+        if spec.get("shift"):
+            m = int(spec["shift"] * min(hw))
+            if m > 0:
+                steps.append(v2.RandomCrop(hw, padding=m, padding_mode="edge"))
+        if spec.get("hflip"):
+            steps.append(v2.RandomHorizontalFlip())
+        _TRANSFORMS[key] = v2.Compose(steps) if steps else None
+    return _TRANSFORMS[key]

@@ -1,4 +1,4 @@
-"""`medray` command line: train, cv, evaluate, predict, generate, serve, submit, jobs, demo."""
+"""`medray` command line: train, cv, tune, evaluate, predict, generate, serve, submit, jobs, demo."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from medray.tasks import TASKS
 
 
 def _train(args) -> int:
+    tracked = _mlflow_options(args)  # fails at once when --mlflow is given without MLflow installed
+    if tracked and args.task == "genomic-gan":
+        raise MedrayError("--mlflow tracks the classifiers (exercise, ultrasound, genomic), not genomic-gan yet")
     if args.task == "genomic-gan":
         from medray.gan import train_gan
 
@@ -21,15 +24,26 @@ def _train(args) -> int:
                   seed=args.seed, conditional=args.conditional, max_failures=args.max_failures, address=args.address,
                   skip_bad=args.skip_bad, **given)
         return _log_into_run(meta)
-    if args.conditional or args.n_critic is not None:
+    if args.conditional is not None or args.n_critic is not None:
         raise MedrayError("--conditional and --n-critic are for genomic-gan")
     from medray.train import train
 
     meta = train(args.task, args.data, args.out, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
           lr=args.lr, workers=args.workers, gpu=args.gpu, storage=args.storage, name=args.name, seed=args.seed,
           val_fraction=args.val_fraction, group_column=args.group_column, label_column=args.label_column,
-          max_failures=args.max_failures, address=args.address, skip_bad=args.skip_bad)
+          max_failures=args.max_failures, address=args.address, skip_bad=args.skip_bad,
+          exclude_train=args.exclude_train, **tracked)
     return _log_into_run(meta)
+
+
+def _mlflow_options(args) -> dict:
+    """--mlflow / --mlflow-experiment as train()'s and cross_validate()'s options (medray/tracking.py)."""
+    if not args.mlflow:
+        return {}
+    from medray.tracking import require_mlflow
+
+    require_mlflow()
+    return {"mlflow": args.mlflow, "mlflow_experiment": args.mlflow_experiment}
 
 
 def _log_into_run(meta: dict) -> int:
@@ -44,6 +58,7 @@ def _log_into_run(meta: dict) -> int:
 
 
 def _cv(args) -> int:
+    tracked = _mlflow_options(args)
     from medray import console
     from medray.cv import cross_validate, format_summary
 
@@ -57,13 +72,37 @@ def _cv(args) -> int:
                             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, workers=args.workers,
                             gpu=args.gpu, storage=args.storage, group_column=args.group_column,
                             label_column=args.label_column, max_failures=args.max_failures, address=args.address,
-                            skip_bad=args.skip_bad)
+                            skip_bad=args.skip_bad, exclude_train=args.exclude_train, **tracked)
     if args.out:
         console.move_log(args.out)
     console.say(format_summary(result))
     console.say(json.dumps({"summary": result["summary"]}))
     if console.log_path():
         console.say(f"[medray] log: {console.log_path()}")
+    return 0
+
+
+def _tune(args) -> int:
+    from medray import console
+    from medray.tune import format_ranking, tune
+
+    console.set_mode(epoch_lines=False)  # plain output: a line per fold of each trial, not per epoch
+    result = tune(args.task, args.data, args.out, trials=args.trials, folds=args.folds, seed=args.seed,
+                  metric=args.metric, concurrency=args.concurrency, early_stop=not args.no_early_stop,
+                  baseline=not args.no_baseline,
+                  epochs=args.epochs, workers=args.workers, gpu=args.gpu, storage=args.storage,
+                  group_column=args.group_column, label_column=args.label_column, exclude_train=args.exclude_train,
+                  max_failures=args.max_failures, skip_bad=args.skip_bad, address=args.address)
+    console.move_log(args.out)
+    console.say(format_ranking(result))
+    if result.get("best"):
+        console.say(f"# best config, ready for medray/presets/{args.task}.yaml:\n{result['best']['yaml']}")
+    console.say(f"[medray] ranking written to {os.path.join(args.out, 'tune.json')}")
+    if console.log_path():
+        console.say(f"[medray] log: {console.log_path()}")
+    if not result["finished"]:  # Ctrl+C: Tune saved the experiment; the same command resumes it
+        console.error("medray: search interrupted; run the same command again to resume it")
+        return 130
     return 0
 
 
@@ -209,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--name", help="run name; the same name and storage resume (default: derived from data+config)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--val-fraction", type=float, default=0.2)
-    t.add_argument("--conditional", action="store_true", help="genomic-gan: condition on the labels (e.g. EI/IE/N)")
+    t.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=None,
+                   help="genomic-gan: condition on the labels, e.g. EI/IE/N (default: when the data has labels; "
+                   "--no-conditional to ignore them)")
     t.add_argument("--n-critic", type=int, help="genomic-gan: critic steps per generator step (default 5)")
     t.set_defaults(func=_train)
 
@@ -222,11 +263,41 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--out", help="keep each fold's bundle and cv.json in this folder (default: discard bundles)")
     cv.set_defaults(func=_cv)
 
+    tu = sub.add_parser("tune", help="search architecture and recipe with Ray Tune, trials scored by grouped "
+                        "K-fold CV, ASHA early stopping (search spaces: presets/TASK.yaml `search:`)")
+    tu.add_argument("task", choices=TASKS)
+    tu.add_argument("--data", required=True, help="the data `medray train` takes")
+    tu.add_argument("--out", required=True, help="folder for tune.json and the Tune experiment (the same command "
+                    "with the same --out resumes)")
+    tu.add_argument("--trials", type=int, default=8, help="configs drawn from the search space (default 8)")
+    tu.add_argument("--folds", type=int, default=5, help="K of each trial's CV (default 5)")
+    tu.add_argument("--seed", type=int, default=0, help="seeds the draws and the folds (default 0)")
+    tu.add_argument("--metric", choices=["accuracy", "balanced_accuracy"], default="accuracy",
+                    help="what trials are ranked and stopped by: its mean over the folds (default accuracy)")
+    tu.add_argument("--concurrency", type=int, default=1, help="trials at once (default 1; capped to what the "
+                    "cluster's CPUs hold)")
+    tu.add_argument("--no-early-stop", action="store_true", help="run every trial's every fold (no ASHA)")
+    tu.add_argument("--no-baseline", action="store_true", help="draw every trial (default: the first trial is "
+                    "the preset's default, which the others are measured against)")
+    tu.add_argument("--epochs", type=int, help="every trial's epochs (default: the drawn or preset value)")
+    tu.add_argument("--workers", type=int, default=2, help="Ray Train workers per fold (default 2)")
+    tu.add_argument("--gpu", action="store_true", help="one GPU per worker, mixed precision")
+    tu.add_argument("--storage", help="fold runs' checkpoint storage (default $MEDRAY_STORAGE or ~/medray-runs)")
+    tu.add_argument("--group-column", help="group the folds by COLUMN, FILE:COLUMN or id-prefix[:SEP]")
+    tu.add_argument("--label-column", help="exercise: label column (default: the last column)")
+    tu.add_argument("--exclude-train", metavar="SPEC", help="as for medray cv")
+    tu.add_argument("--max-failures", type=int, default=2, help="worker-group restarts per fold")
+    tu.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local instance)")
+    tu.add_argument("--skip-bad", action="store_true", help="leave out unreadable items instead of failing")
+    _verbose_argument(tu)
+    tu.set_defaults(func=_tune)
+
     e = sub.add_parser("evaluate", help="metrics of a bundle on labelled data, as JSON")
     e.add_argument("bundle")
     e.add_argument("--data", required=True, help="labelled data; for a genomic-gan bundle: real sequences "
                    "(held out from its training when possible)")
-    e.add_argument("--n", type=int, help="genomic-gan: sequences to generate (default: as many as the real sample)")
+    e.add_argument("--n", type=int, help="genomic-gan: sequences to generate (default: 5000, or the "
+                   "real half's size if larger)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--classifier", help="genomic-gan (conditional): a genomic classifier bundle to label the "
                    "generated sequences with")
@@ -316,7 +387,13 @@ def _training_arguments(p) -> None:
     p.add_argument("--storage", help="checkpoint storage path or URI (default $MEDRAY_STORAGE or ~/medray-runs)")
     p.add_argument("--group-column", help="group validation split by COLUMN, FILE:COLUMN or id-prefix[:SEP]")
     p.add_argument("--label-column", help="exercise: label column (default: the last column)")
+    p.add_argument("--exclude-train", metavar="SPEC", help="leave rows flagged in COLUMN or FILE:COLUMN (1/true/yes) "
+                   "out of training; validation keeps them (e.g. manifest.csv:label_conflict)")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
+    p.add_argument("--mlflow", metavar="URI", help="log params, per-epoch metrics, the report and the bundle to "
+                   "MLflow: sqlite:///runs.db (a local file, no server) or a tracking server URL; needs "
+                   "pip install 'medray[mlflow]' (docs/training.md)")
+    p.add_argument("--mlflow-experiment", metavar="NAME", help="MLflow experiment (default: the task name)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local instance)")
     p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images, malformed rows and "
                    "bad sequences (counted in the log and the bundle) instead of failing on them")

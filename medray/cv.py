@@ -46,10 +46,12 @@ def summarise(folds: list[dict]) -> dict:
 
 
 def cross_validate(task: str, data: str, *, folds: int = 5, seeds=(0,), out: str | None = None, log=None,
-                   **train_options) -> dict:
+                   mlflow: str | None = None, mlflow_experiment: str | None = None, **train_options) -> dict:
     """Grouped (or stratified) K-fold CV of `task` on `data`, one `medray.train.train` per fold and
     seed; `train_options` are `train`'s (model, epochs, group_column, workers, storage, …).
+    `mlflow` (a tracking URI): one parent MLflow run for the command, one nested run per fold.
     Returns {"task", "folds", "seeds", "model", "group_column", "summary", "per_fold"}."""
+    from medray import tracking
     from medray.console import say
     from medray.train import train
 
@@ -58,18 +60,25 @@ def cross_validate(task: str, data: str, *, folds: int = 5, seeds=(0,), out: str
         raise MedrayError("--folds must be at least 2")
     seeds = list(seeds) or [0]
     per_fold = []
-    with tempfile.TemporaryDirectory(prefix="medray-cv-") as tmp:
+    experiment = mlflow_experiment or task
+    parent = tracking.start(mlflow, experiment=experiment, run_name=f"cv {task} {folds}-fold seeds {seeds}", log=log,
+                            params={"task": task, "folds": folds, "seeds": seeds, **train_options},
+                            tags={"medray.task": task, "medray.data": str(data)})
+    if parent.run_id:  # each fold: a run nested under the parent
+        train_options = {**train_options, "mlflow_parent_run": parent.run_id, "mlflow_experiment": experiment}
+    with tempfile.TemporaryDirectory(prefix="medray-cv-") as tmp, parent.failing():
         root = Path(out) if out else Path(tmp)
         for seed in seeds:
             for i in range(folds):
                 meta = train(task, data, str(root / f"seed{seed}-fold{i}"), seed=seed, fold=(folds, i), log=log,
-                             label=f"cv seed {seed} fold {i + 1}/{folds}", **train_options)
+                             label=f"cv seed {seed} fold {i + 1}/{folds}", mlflow=mlflow, **train_options)
                 per_fold.append({"seed": seed, "fold": i, **fold_metrics(meta)})
     result = {"task": task, "data": str(data), "folds": folds, "seeds": seeds, "model": describe(meta["model"]),
               "group_column": train_options.get("group_column"), "summary": summarise(per_fold),
               "per_fold": per_fold}
     if out:
         (Path(out) / "cv.json").write_text(json.dumps(result, indent=2))
+    parent.finish_cv(result)  # --mlflow: the summary's means and sds, and cv.json, on the parent run
     return result
 
 

@@ -179,40 +179,81 @@ class ResNet2d(nn.Module):
 
 class DNAGenerator(nn.Module):
     """noise (+ class embedding) → (4, length) per-position base probabilities (softmax over A/C/G/T).
-    An MLP over the whole sequence: every position can depend on every other, and it is cheap
-    enough on a CPU for the ~10^4 critic steps a WGAN-GP needs (measured against residual 1-D
-    conv generators, which were 15× slower per step and no better on k-mer spectra in that budget)."""
 
-    def __init__(self, input_shape, n_classes: int, z_dim: int = 64, width: int = 256, conditional: bool = False):
+    `arch="mlp"`: an MLP over the whole sequence, every position can depend on every other.
+    `arch="conv"`: the same MLP emits a (channels, length) feature map instead of logits, and two
+    1-D convolutions (a residual block) turn it into logits, so neighbouring bases are shaped
+    together (k-mers) at little cost on a CPU. `logits()` gives the pre-softmax scores (sampling
+    with a temperature divides them)."""
+
+    def __init__(self, input_shape, n_classes: int, z_dim: int = 64, width: int = 256, conditional: bool = False,
+                 arch: str = "mlp", channels: int = 32, kernel_size: int = 5):
         super().__init__()
         self.length, self.z_dim, self.conditional = int(input_shape[1]), int(z_dim), bool(conditional)
-        self.n_classes = int(n_classes)
+        self.n_classes, self.arch, self.channels = int(n_classes), str(arch), int(channels)
+        if self.arch not in ("mlp", "conv"):
+            raise ValueError(f"unknown generator arch {arch!r} (mlp, conv)")
         emb = 16 if self.conditional else 0
         self.embed = nn.Embedding(max(self.n_classes, 1), emb) if self.conditional else None
+        out = 4 * self.length if self.arch == "mlp" else self.channels * self.length
         self.net = nn.Sequential(nn.Linear(self.z_dim + emb, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                                 nn.Linear(width, 4 * self.length))
+                                 nn.Linear(width, out))
+        if self.arch == "conv":
+            pad = kernel_size // 2
+            self.block = nn.Sequential(nn.ReLU(), nn.Conv1d(self.channels, self.channels, kernel_size, padding=pad),
+                                       nn.ReLU(), nn.Conv1d(self.channels, self.channels, kernel_size, padding=pad))
+            self.head = nn.Conv1d(self.channels, 4, kernel_size, padding=pad)
 
-    def forward(self, z, labels=None):
+    def logits(self, z, labels=None):
         if self.conditional:
             z = torch.cat([z, self.embed(labels)], dim=1)
-        return torch.softmax(self.net(z).view(len(z), 4, self.length), dim=1)
+        if self.arch == "mlp":
+            return self.net(z).view(len(z), 4, self.length)
+        h = self.net(z).view(len(z), self.channels, self.length)
+        return self.head(torch.relu(h + self.block(h)))
+
+    def forward(self, z, labels=None):
+        return torch.softmax(self.logits(z, labels), dim=1)
 
 
 class DNACritic(nn.Module):
-    """(4, length) [+ class one-hot] → a score; an MLP with no normalisation layers (the gradient
-    penalty is per sample)."""
+    """(4, length) [+ class] → a score, with no normalisation layers (the gradient penalty is per
+    sample). `arch="mlp"`: an MLP over the flattened sequence; `arch="conv"`: two 1-D convolutions
+    (local motifs, k-mers) whose flattened map (position kept) feeds the same MLP head.
+    The class enters either as a one-hot concatenated to the input (`projection=False`) or as a
+    projection term <embed(class), h> on the last hidden layer (Miyato & Koyama 2018), which makes
+    the critic judge each sample against its own class."""
 
-    def __init__(self, length: int, n_classes: int = 0, width: int = 256):
+    def __init__(self, length: int, n_classes: int = 0, width: int = 256, arch: str = "mlp",
+                 projection: bool = False, channels: int = 64, kernel_size: int = 5):
         super().__init__()
-        self.n_classes = int(n_classes)
-        self.net = nn.Sequential(nn.Linear(4 * int(length) + self.n_classes, width), nn.LeakyReLU(0.2),
-                                 nn.Linear(width, width), nn.LeakyReLU(0.2), nn.Linear(width, 1))
+        self.n_classes, self.length, self.arch = int(n_classes), int(length), str(arch)
+        self.projection = bool(projection) and self.n_classes > 0
+        concat = 0 if self.projection else self.n_classes
+        if self.arch == "mlp":
+            self.features = nn.Flatten()
+            flat = 4 * self.length + concat
+        elif self.arch == "conv":
+            pad = kernel_size // 2
+            self.features = nn.Sequential(nn.Conv1d(4, channels, kernel_size, padding=pad), nn.LeakyReLU(0.2),
+                                          nn.Conv1d(channels, channels, kernel_size, padding=pad), nn.LeakyReLU(0.2),
+                                          nn.Flatten())
+            flat = channels * self.length + concat
+        else:
+            raise ValueError(f"unknown critic arch {arch!r} (mlp, conv)")
+        self.net = nn.Sequential(nn.Linear(flat, width), nn.LeakyReLU(0.2), nn.Linear(width, width), nn.LeakyReLU(0.2))
+        self.out = nn.Linear(width, 1)
+        self.embed = nn.Embedding(self.n_classes, width) if self.projection else None
 
     def forward(self, x, labels=None):
-        h = x.flatten(1)
-        if self.n_classes:
-            h = torch.cat([h, torch.nn.functional.one_hot(labels, self.n_classes).float()], dim=1)
-        return self.net(h).squeeze(1)
+        h = self.features(x)
+        if self.n_classes and not self.projection:
+            h = torch.cat([h, torch.nn.functional.one_hot(labels, self.n_classes).to(h.dtype)], dim=1)
+        h = self.net(h)
+        score = self.out(h).squeeze(1)
+        if self.projection:
+            score = score + (self.embed(labels) * h).sum(dim=1)
+        return score
 
 
 class Ensemble(nn.Module):

@@ -46,6 +46,13 @@ def resolve_groups(spec: str | None, ds: Dataset) -> np.ndarray | None:
     )
 
 
+def flagged_rows(spec: str, ds: Dataset) -> np.ndarray:
+    """Boolean mask of the rows that `spec` (COLUMN or FILE:COLUMN, as for groups) flags with
+    1 / true / yes (case-insensitive); e.g. `manifest.csv:label_conflict` for `--exclude-train`."""
+    values = np.array([str(v).strip().lower() for v in resolve_groups(spec, ds)])
+    return np.isin(values, ["1", "1.0", "true", "yes"])
+
+
 def split_indices(labels: np.ndarray, groups: np.ndarray | None, val_fraction: float, seed: int,
                   fold: tuple[int, int] | None = None):
     """(train_idx, val_idx): grouped-stratified when groups are given, stratified otherwise.

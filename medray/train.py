@@ -29,8 +29,9 @@ from medray.errors import DataError, MedrayError
 from medray.metrics import classification_metrics
 from medray.models import Ensemble, build_model
 from medray.report import write_report
-from medray.split import resolve_groups, split_indices
+from medray.split import flagged_rows, resolve_groups, split_indices
 from medray.tasks import encode_labels, fit_preprocessor, load_preset
+from medray import tracking
 from medray.train_common import (DDP_OPTIONS, STATE, ShardFeed, average_buffers, checkpoint_interval_s,
                                  fits_in_worker_memory, gather, resolve_run_storage, run_trainer, unwrap,
                                  write_checkpoint_files)
@@ -184,6 +185,8 @@ def train_loop_per_worker(config: dict):
             epoch_done(config, epoch, metrics)
             print(f"[medray] epoch {epoch}/{config['epochs']}  {describe_epoch(metrics)}  "
                   f"rows/worker {rows_per_worker}  {metrics['seconds']}s", flush=True)
+        if rank == 0 and config.get("mlflow"):  # --mlflow: this epoch's figures to the run (medray/tracking.py)
+            tracking.log_epoch(config["mlflow"], metrics)
         if not due:
             continue
         with tempfile.TemporaryDirectory() as tmp:
@@ -229,8 +232,12 @@ def train(
     skip_bad: bool = False,
     fold: tuple[int, int] | None = None,
     overrides: dict | None = None,
+    mlflow: str | None = None,
+    mlflow_experiment: str | None = None,
+    mlflow_parent_run: str | None = None,
     log=say,
     label: str | None = None,
+    exclude_train: str | None = None,
 ) -> dict:
     """Train one model as a Ray Train job and write its bundle to `out`. Returns bundle.json.
 
@@ -238,8 +245,12 @@ def train(
     them; with `skip_bad` they are left out, logged, and counted in the bundle's `data.skipped`.
     `fold=(k, i)` validates on the i-th of k seeded folds (`medray cv`) instead of `val_fraction`.
     `overrides` ({"params": {...}, "preprocessing": {...}, "train": {...}, "ensemble": N}) change the preset's
-    entries (model selection: `benchmarks/model_selection.py`). `label` names the run on the progress
-    display (default: the task and model)."""
+    entries (model selection: `benchmarks/model_selection.py`). `mlflow` (a tracking URI) logs the run to
+    MLflow, in experiment `mlflow_experiment` (default: the task), nested under `mlflow_parent_run`
+    (`medray/tracking.py`). `label` names the run on the progress
+    display (default: the task and model). `exclude_train` (COLUMN or FILE:COLUMN, as `group_column`)
+    leaves the rows it flags (1/true/yes) out of the training split, after the split: validation
+    and the folds stay as they were (e.g. BUSI's `label_conflict` images)."""
     preset = load_preset(task, model)
     for section, values in (overrides or {}).items():
         if section == "ensemble":
@@ -253,6 +264,8 @@ def train(
     if recipe["epochs"] < 1 or recipe["batch_size"] < 1 or recipe["lr"] <= 0 or workers < 1:
         raise MedrayError("epochs, batch size and workers must be at least 1 and the learning rate positive")
 
+    if mlflow:
+        tracking.require_mlflow()  # before any work: the extra may not be installed
     from medray.ray_runtime import ensure_ray
 
     size = preset["preprocessing"].get("size", 128)
@@ -273,6 +286,12 @@ def train(
     groups = resolve_groups(group_column, keys)
     y = encode_labels(keys.labels, labels, data)
     tr_idx, va_idx = split_indices(keys.labels, groups, val_fraction, seed, fold=fold)
+    excluded = 0
+    if exclude_train:  # flagged rows out of training only, after the split
+        flags = flagged_rows(exclude_train, keys)
+        excluded = int(flags[tr_idx].sum())
+        tr_idx = tr_idx[~flags[tr_idx]]
+        log(f"[medray] left {excluded} training rows flagged by {exclude_train} out of training")
     if len(set(y[tr_idx])) < 2:
         raise DataError(f"{data}: the training split holds a single class; add data or change the split")
     prep = fit_preprocessor(task, source, keys, tr_idx, preset)  # streaming aggregates on the training rows
@@ -290,7 +309,8 @@ def train(
     fingerprint = pipeline.fingerprint(keys, {
         "labels": labels, "preprocessing": preset.get("preprocessing", {}), "task": task,
         "val": hashlib.sha256(np.sort(va_keys).tobytes()).hexdigest(),
-        "features": source.feature_names})
+        "features": source.feature_names,
+        **({"exclude_train": [exclude_train, excluded]} if exclude_train else {})})
     run_key = hashlib.sha256(json.dumps([fingerprint, arch, recipe, seed, workers], sort_keys=True).encode()).hexdigest()
     name = name or f"{task}-{preset['name']}-{run_key[:10]}"
     storage = resolve_run_storage(storage, name, fingerprint, recipe["epochs"], log)
@@ -311,12 +331,25 @@ def train(
         f"{workers} worker(s) on {'GPU' if gpu else 'CPU'}; "
         f"{'shards cached in the workers' if config['cache'] else 'streaming every epoch'}; run {name!r} in {storage}")
 
+    tracker = tracking.start(  # --mlflow: the run, its params and tags (a no-op without)
+        mlflow, experiment=mlflow_experiment or task, run_name=name, parent_run_id=mlflow_parent_run, log=log,
+        params={"task": task, "model": arch, "optimizer": "AdamW", "workers": workers, "gpu": gpu, "seed": seed,
+                **{k: config[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "augment",
+                                          "class_weights")},
+                "split": {"val_fraction": None if fold else val_fraction, "group_column": group_column,
+                          **({"fold": fold[1], "folds": fold[0]} if fold else {})},
+                "data": {"rows": len(keys), "train_rows": int(len(y_tr)), "val_rows": int(len(y_va))},
+                "run_name": name, "storage": storage},
+        tags={"medray.task": task, "medray.data": str(data), "medray.bundle": str(Path(out).absolute()),
+              "medray.fingerprint": fingerprint})
+    config["mlflow"] = tracker.worker
     label_index = {c: i for i, c in enumerate(labels)}
     datasets = {"train": pipeline.dataset(source, tr_keys, prep, label_index, shuffle_seed=seed),
                 "val": pipeline.dataset(source, va_keys, prep, label_index)}
-    state, seconds = run_trainer(train_loop_per_worker, config, datasets, name=name, storage=storage, workers=workers,
-                                 gpu=gpu, max_failures=max_failures, placement_strategy=placement_strategy,
-                                 label=label or f"{task} {preset['name']}")
+    with tracker.failing():  # the MLflow run ends FAILED if training does
+        state, seconds = run_trainer(train_loop_per_worker, config, datasets, name=name, storage=storage,
+                                     workers=workers, gpu=gpu, max_failures=max_failures,
+                                     placement_strategy=placement_strategy, label=label or f"{task} {preset['name']}")
     meta = {
         "name": Path(out).name,
         "task": task,
@@ -333,6 +366,7 @@ def train(
         "input": _input_spec(task, prep),
         "data": {"source": str(data), "rows": len(keys), "train_rows": int(len(y_tr)), "val_rows": int(len(y_va)),
                  "class_counts_train": dict(zip(labels, counts.tolist())),
+                 **({"excluded_from_training": {"spec": exclude_train, "rows": excluded}} if exclude_train else {}),
                  "split": {"val_fraction": None if fold else val_fraction, "group_column": group_column, "seed": seed,
                            **({"fold": fold[1], "folds": fold[0]} if fold else {})},
                  "fingerprint": fingerprint, "read_on_nodes": len(keys.nodes),
@@ -340,10 +374,12 @@ def train(
         "calibration": state.get("calibration"),
         "metrics": {"validation": state["val_metrics"], "history": state["history"]},
     }
+    tracker.annotate(meta)  # training.mlflow: the run id
     final = state.get("val_predictions")
     path = write_bundle(out, state["model"], meta, extra=None if final is None else lambda folder, full: write_report(
         folder / "report", full, final["y"], final["probs"], history=state["history"]))
     log(f"[medray] bundle written to {path}")
+    tracker.finish(meta, path)  # report images, bundle, final metrics
     return meta
 
 

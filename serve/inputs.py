@@ -49,13 +49,14 @@ MAX_DETAIL_CHARS = 1000  # an error detail never echoes a request back at length
 
 
 class RequestError(Exception):
-    """A client error: answered as `{"error": code, "detail": detail}` with `status`."""
+    """A request that cannot be answered: `{"error": code, "detail": detail}` with `status` (and
+    `headers`, e.g. Retry-After on a 503), on every route and protocol (serve/gateway.py)."""
 
-    def __init__(self, status: int, code: str, detail: str):
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None):
         if len(detail) > MAX_DETAIL_CHARS:
             detail = detail[: MAX_DETAIL_CHARS - 1] + "…"
         super().__init__(detail)
-        self.status, self.code, self.detail = status, code, detail
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers
 
 
 def show(value: object, limit: int = 40) -> str:
@@ -115,9 +116,16 @@ def check_count(n: int, what: str, limits: Limits) -> None:
 def parse_features(body: bytes, feature_names: list[str], limits: Limits) -> np.ndarray:
     """`{"instances": [[f1, f2, …], …]}` or `[{name: value, …}, …]` → float32 (n, features)."""
     rows = _instances(parse_json(body), "instances", limits)
-    n_features = len(feature_names)
     if all(isinstance(r, dict) for r in rows):
         rows = [_row_from_object(r, i, feature_names) for i, r in enumerate(rows)]
+    return feature_rows(rows, feature_names, may_have_bools=b"true" in body or b"false" in body)
+
+
+def feature_rows(rows: list, feature_names: list[str], may_have_bools: bool = True) -> np.ndarray:
+    """Rows of JSON values (already counted against the limits) → float32 (n, features): each row a
+    list of `len(feature_names)` numbers. `may_have_bools=False` skips the search for booleans
+    (which numpy would take as numbers) when the body holds no `true`/`false`."""
+    n_features = len(feature_names)
     for i, r in enumerate(rows):
         if not isinstance(r, list):
             raise invalid(f"instance {i}: expected a list of {n_features} numbers or an object keyed by feature "
@@ -130,15 +138,26 @@ def parse_features(body: bytes, feature_names: list[str], limits: Limits) -> np.
         x = None
     # numbers only: numpy's own dtype says so, except for booleans mixed into numbers (promoted)
     numeric = x is not None and x.ndim == 2 and x.dtype.kind in "iuf"
-    if not numeric or ((b"true" in body or b"false" in body) and _has_non_number(rows)):
+    if not numeric or (may_have_bools and _has_non_number(rows)):
         i, j, v = _first_non_number(rows)
         raise invalid(f"instance {i}, feature {j} ({feature_names[j]!r}): {show(v)} is not a number")
     if x.dtype.kind != "f":  # integers: exact in float64 up to 2^53, and JSON integers beyond int64 never get here
         x = x.astype(np.float64)
+    return feature_array(x, feature_names)
+
+
+def feature_array(x: np.ndarray, feature_names: list[str]) -> np.ndarray:
+    """A float (n, features) array → the model's float32 input, every value finite (and within
+    float32's range): the last step of every feature input, whatever its encoding."""
+    n_features = len(feature_names)
+    if x.ndim != 2 or x.shape[1] != n_features:
+        raise invalid(f"instance 0: has {x.shape[-1] if x.ndim else 0} features, the model expects {n_features}")
     finite = np.isfinite(x)
     if not finite.all():
         i, j = map(int, np.argwhere(~finite)[0])
         raise invalid(f"instance {i}, feature {j} ({feature_names[j]!r}): {x[i, j]} is not a finite number")
+    if x.dtype == np.float32:
+        return x if x.flags.writeable else x.copy()
     with np.errstate(over="ignore"):
         x32 = x.astype(np.float32)
     finite = np.isfinite(x32)
@@ -192,23 +211,38 @@ def parse_sequences(body: bytes, content_type: str, limits: Limits) -> tuple[lis
         except ValueError as e:  # anything else Biopython raises: still the client's input
             raise invalid(f"FASTA body: unreadable ({type(e).__name__})") from None
         check_count(len(seqs), "sequences", limits)
-    else:
-        items = _instances(parse_json(body), "sequences", limits)
-        seqs, ids = [], []
-        for i, s in enumerate(items):
-            if not isinstance(s, str):
-                raise invalid(f"sequence {i}: expected a string of nucleotide letters, got {type(s).__name__}")
+        _check_lengths(ids, seqs, limits)
+        return ids, seqs
+    seqs = sequence_list(_instances(parse_json(body), "sequences", limits), limits)
+    return [str(i) for i in range(len(seqs))], seqs
+
+
+def sequence_list(items: list, limits: Limits) -> list[str]:
+    """Sequences (str, or UTF-8 bytes from a binary tensor; already counted) → upper-cased, each
+    checked letter by letter and against the length limit."""
+    seqs = []
+    for i, s in enumerate(items):
+        if isinstance(s, bytes):
             try:
-                seqs.append(validate_sequence(s, f"sequence {i}"))
-            except DataError as e:
-                raise invalid(str(e)) from None
-            ids.append(str(i))
+                s = s.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise invalid(f"sequence {i}: not UTF-8 text (byte {e.start})") from None
+        if not isinstance(s, str):
+            raise invalid(f"sequence {i}: expected a string of nucleotide letters, got {type(s).__name__}")
+        try:
+            seqs.append(validate_sequence(s, f"sequence {i}"))
+        except DataError as e:
+            raise invalid(str(e)) from None
+    _check_lengths([str(i) for i in range(len(seqs))], seqs, limits)
+    return seqs
+
+
+def _check_lengths(ids: list[str], seqs: list[str], limits: Limits) -> None:
     for i, s in enumerate(seqs):
         if len(s) > limits.max_sequence_length:
             raise RequestError(413, "sequence_too_long",
                                f"sequence {i} ({show(ids[i])}) has {len(s)} bases; the limit is "
                                f"{limits.max_sequence_length}")
-    return ids, seqs
 
 
 # --------------------------------------------------------------------------- ultrasound
@@ -216,7 +250,11 @@ def parse_sequences(body: bytes, content_type: str, limits: Limits) -> tuple[lis
 
 def images_from_json(body: bytes, limits: Limits) -> list[tuple[str, bytes]]:
     """`{"images": ["<base64>", …]}` → [(name, bytes)]."""
-    items = _instances(parse_json(body), "images", limits)
+    return image_list(_instances(parse_json(body), "images", limits))
+
+
+def image_list(items: list) -> list[tuple[str, bytes]]:
+    """Base64 strings (or data URLs) → [(name, bytes)] for `decode_images`."""
     out = []
     for i, b64 in enumerate(items):
         if not isinstance(b64, str):

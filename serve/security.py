@@ -1,7 +1,8 @@
 """Who may call which model, what is recorded about it, and which browsers may call at all.
 
 * **Tokens** (`TokenStore`): a tokens file holds one bearer token per line, optionally followed
-  by the task names it may call (`exercise`, `ultrasound`, `genomic`, `genomic-gan`; none = all).
+  by the task names it may call (`exercise`, `ultrasound`, `genomic`, `genomic-gan`; none = all):
+  the model's /v1 routes and its /v2/models/{model}/… routes (`route_task`).
   Blank lines and `#` comments are ignored. Only SHA-256 digests are kept in memory; a presented
   token is hashed and compared with `hmac.compare_digest` against every entry (no early exit),
   so timing does not reveal how much of a token matched. The file is re-read when it changes
@@ -40,13 +41,18 @@ import orjson
 from medray.errors import MedrayError
 from medray.tasks import SERVED_TASKS as MODEL_TASKS
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})  # probes: no token, no audit line
+# probes: no token, no audit line (/metrics joins them when the app's `metrics.public` is set)
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+METRICS_PATH = "/metrics"
 ROUTE_TASKS = {
     "/v1/exercise/predict": "exercise",
     "/v1/ultrasound/predict": "ultrasound",
     "/v1/genomic/predict": "genomic",
     "/v1/genomic/generate": "genomic-gan",
 }
+# Open Inference Protocol: /v2/models/{model}[/versions/{version}][/ready|/infer]
+V2_MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?(/ready|/infer)?$")
+V2_PATHS = frozenset({"/v2", "/v2/health/live", "/v2/health/ready"})
 OUTCOMES = {413: "body_too_large", 415: "unsupported_media_type", 422: "invalid_input", 503: "unavailable",
             500: "server_error"}  # outcome when the route did not name one (see note())
 MIN_TOKEN_CHARS = 16
@@ -54,6 +60,37 @@ RELOAD_CHECK_S = 5.0
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 audit_logger = logging.getLogger("medray.audit")
+
+
+def route_task(path: str) -> str | None:
+    """The model a path belongs to (its token must be allowed that model), if any."""
+    task = ROUTE_TASKS.get(path)
+    if task is None and path.startswith("/v2/models/"):
+        m = V2_MODEL_PATH.match(path)
+        if m and m.group(1) in MODEL_TASKS:
+            task = m.group(1)
+    return task
+
+
+def inference_route(path: str) -> tuple[str, str] | None:
+    """(model, protocol) of a prediction (or generation) route; None for every other path."""
+    task = ROUTE_TASKS.get(path)
+    if task is not None:
+        return task, "v1"
+    if path.endswith("/infer") and path.startswith("/v2/models/"):
+        m = V2_MODEL_PATH.match(path)
+        if m and m.group(1) in MODEL_TASKS:
+            return m.group(1), "v2"
+    return None
+
+
+def audit_route(path: str) -> str:
+    """The route an audit line names: the path of a known route, "other" for anything else (a
+    client's made-up path is not copied into the log)."""
+    known = path in ROUTE_TASKS or path in V2_PATHS or path == METRICS_PATH
+    if known or path.startswith(("/v1/", "/docs", "/openapi")) or route_task(path) is not None:
+        return path[:200]
+    return "other"
 
 
 def token_id(token: str) -> str:
@@ -150,10 +187,11 @@ class SecurityConfig:
     tokens: TokenStore | None  # None: authentication off (--no-auth)
     cors_origins: frozenset
     audit: bool = True
+    public_paths: frozenset = PUBLIC_PATHS  # + /metrics when metrics are public
 
     @classmethod
     def from_args(cls, auth: dict | None, cors_origins=None, audit_log: str | None = None,
-                  configure_log: bool = True) -> "SecurityConfig":
+                  configure_log: bool = True, public_metrics: bool = False) -> "SecurityConfig":
         auth = dict(auth or {})
         unknown = set(auth) - {"enabled", "tokens_file"}
         if unknown:
@@ -175,7 +213,18 @@ class SecurityConfig:
             raise ValueError("cors_origins: '*' is not allowed; list the origins of the apps that call the API")
         if configure_log:
             configure_audit_log(audit_log)
-        return cls(tokens, frozenset(o.rstrip("/") for o in origins))
+        public = PUBLIC_PATHS | {METRICS_PATH} if public_metrics else PUBLIC_PATHS
+        return cls(tokens, frozenset(o.rstrip("/") for o in origins), public_paths=public)
+
+
+_installed: SecurityConfig | None = None
+
+
+def install(config: SecurityConfig) -> None:
+    """Make `config` the settings of every SecurityMiddleware in this process (the ingress replica
+    calls this: the app Serve runs is its own copy of the FastAPI app, not the module's)."""
+    global _installed
+    _installed = config
 
 
 def configure_audit_log(path: str | None) -> None:
@@ -219,7 +268,7 @@ def _bearer(scope) -> str | None:
 
 class SecurityMiddleware:
     """ASGI middleware: request id, CORS, authentication and authorization, audit log.
-    Reads its settings from `app.state.security` (a SecurityConfig set by the ingress)."""
+    Reads its settings from `app.state.security`, else from `install()` (the ingress's)."""
 
     def __init__(self, app):
         self.app = app
@@ -228,6 +277,7 @@ class SecurityMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         config: SecurityConfig | None = getattr(scope["app"].state, "security", None) if "app" in scope else None
+        config = config or _installed
         path = scope.get("path", "")
         given = _header(scope, b"x-request-id")
         request_id = given if given and REQUEST_ID.match(given) else uuid.uuid4().hex
@@ -249,14 +299,13 @@ class SecurityMiddleware:
                      (b"access-control-allow-headers", b"authorization, content-type, x-request-id"),
                      (b"access-control-max-age", b"600")]
             return await _reply(send, 204, None, None, extra + allow)
-        if path in PUBLIC_PATHS:
+        if path in config.public_paths:
             return await self.app(scope, receive, _with_headers(send, extra))
 
         started = time.perf_counter()
         record = {"request_id": request_id, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-                  "caller": None, "method": scope["method"],
-                  "route": path if path in ROUTE_TASKS or path.startswith(("/v1/", "/docs", "/openapi")) else "other"}
-        task = ROUTE_TASKS.get(path)
+                  "caller": None, "method": scope["method"], "route": audit_route(path)}
+        task = route_task(path)
         status = {"code": None}
         try:
             if config.tokens is not None:

@@ -11,7 +11,7 @@ import pytest
 from conftest import shared
 from medray.bundle import load_bundle
 from medray.errors import DataError
-from medray.split import split_indices
+from medray.split import flagged_rows, split_indices
 
 
 def test_grouped_folds_cover_every_row_once_and_keep_groups_apart():
@@ -39,6 +39,21 @@ def test_grouped_folds_cover_every_row_once_and_keep_groups_apart():
 
 
 @pytest.mark.ray
+def test_exclude_train_flags_the_label_conflict_rows_of_a_side_table():
+    import pandas as pd
+
+    from medray.data.dataset import Dataset
+
+    manifest = shared("ultrasound", "manifest.csv")
+    side = pd.read_csv(manifest)
+    ds = Dataset(source="labels.csv", inputs=None, ids=list(side["path"]), labels=None, table=side[["path"]])
+    mask = flagged_rows(f"{manifest}:label_conflict", ds)
+    assert mask.dtype == bool and mask.sum() == 19 == int(side["label_conflict"].sum())
+    side["flag"] = ["True", "no", " yes ", "0"] * (len(side) // 4) + ["x"] * (len(side) % 4)
+    assert flagged_rows("flag", Dataset(source="t", inputs=None, ids=[], labels=None, table=side)).sum() == \
+        2 * (len(side) // 4)
+
+
 def test_cv_trains_one_job_per_fold_and_summarises(ray_session, tmp_path, capsys):
     from medray.cli import main
 
