@@ -17,8 +17,7 @@ $(STAMP): pyproject.toml
 	    echo "note: kubectl/wrk not installed (k8s manifest tests skip; benchmarks need wrk)"; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	@# compat: a plain .pth entry for the checkout (setuptools' default editable finder warns at install)
-	$(BIN)/python -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
