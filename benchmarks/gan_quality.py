@@ -105,9 +105,11 @@ def train_api(train: Path, bundle: Path, storage: Path, options: dict, workers: 
     return time.time() - t0
 
 
-def train_local(train: Path, bundle: Path, options: dict, workers: int, seed: int = 0) -> float:
+def train_local(train: Path, bundle: Path, options: dict, workers: int, seed: int = 0,
+                snapshots: tuple = ()) -> list[tuple[int, Path, float]]:
     """The worker loop's steps (medray.gan.GanSteps) in this process, one thread, batch = workers ×
-    batch size; the bundle is written like train_gan's (EMA weights, sampling settings)."""
+    batch size; the bundle is written like train_gan's (EMA weights, sampling settings), also
+    after each epoch in `snapshots` (as BUNDLE-eN). [(epoch, bundle, seconds)]."""
     import torch
 
     from medray.bundle import write_bundle
@@ -136,20 +138,25 @@ def train_local(train: Path, bundle: Path, options: dict, workers: int, seed: in
     rng = torch.Generator()
     t0 = time.time()
     per = recipe["steps_per_epoch"]
+    counts = np.array([labs.count(c) for c in labels], dtype=float)
+    written = []
     for epoch in range(1, recipe["epochs"] + 1):
         rng.manual_seed(seed * 1000 + 7919 * epoch)
         c, g, gp = steps.run(xs, ys, (epoch - 1) * per + 1, per, rng)
         print(f"  epoch {epoch}: critic {np.mean(c):.3f} generator {np.mean(g):.3f} gp {np.mean(gp):.3f} "
               f"{time.time() - t0:.0f}s", flush=True)
-    seconds = time.time() - t0
-    counts = np.array([labs.count(c) for c in labels], dtype=float)
-    meta = {"name": bundle.name, "task": TASK, "model": {"name": "dna_generator", "params": gen_params},
-            "training": {**recipe, "critic": critic_params, "local": True, "seconds": round(seconds, 1)},
-            "preprocessing": SequenceEncoder(length).to_dict(), "labels": labels, "input_shape": [4, length],
-            "sampling": {"temperature": recipe["temperature"], "class_weights": list(counts / counts.sum())},
-            "training_hashes": sorted({sequence_hash(s) for s in seqs}), "metrics": {"history": []}}
-    write_bundle(bundle, steps.sampler().state_dict(), meta)
-    return seconds
+        if epoch in snapshots or epoch == recipe["epochs"]:
+            seconds = time.time() - t0
+            meta = {"name": bundle.name, "task": TASK, "model": {"name": "dna_generator", "params": gen_params},
+                    "training": {**recipe, "critic": critic_params, "local": True, "epochs_trained": epoch,
+                                 "seconds": round(seconds, 1)},
+                    "preprocessing": SequenceEncoder(length).to_dict(), "labels": labels, "input_shape": [4, length],
+                    "sampling": {"temperature": recipe["temperature"], "class_weights": list(counts / counts.sum())},
+                    "training_hashes": sorted({sequence_hash(s) for s in seqs}), "metrics": {"history": []}}
+            path = bundle if epoch == recipe["epochs"] else bundle.with_name(f"{bundle.name}-e{epoch}")
+            write_bundle(path, steps.sampler().state_dict(), meta)
+            written.append((epoch, path, seconds))
+    return written
 
 
 def near_copies(seqs: list[str], train: list[str], max_mismatch: int) -> float:
@@ -177,6 +184,7 @@ def main() -> None:
     p.add_argument("--bundle", help="evaluate this bundle instead of training one")
     p.add_argument("--n", type=int, help="evaluate --n (default: the CLI's)")
     p.add_argument("--near", type=int, default=3, help="near-copy threshold in mismatches (default 3)")
+    p.add_argument("--snapshots", default="", help="--local: also evaluate after these epochs (e.g. 12,24)")
     p.add_argument("--tag", default="")
     p.add_argument("--workdir", help="keep the split and bundle here (default: a temporary folder)")
     args = p.parse_args()
@@ -186,14 +194,21 @@ def main() -> None:
     print(f"split: {split}  ({work})", flush=True)
     options = parse_sets(args.set)
     bundle = Path(args.bundle) if args.bundle else work / "bundle"
-    seconds = None
+    runs = [(None, bundle, None)]
     if not args.bundle:
         if args.local:
-            seconds = train_local(train, bundle, options, args.workers)
+            runs = train_local(train, bundle, options, args.workers,
+                               snapshots=tuple(int(e) for e in args.snapshots.split(",") if e))
         elif args.api:
-            seconds = train_api(train, bundle, work / "runs", options, args.workers)
+            runs = [(None, bundle, train_api(train, bundle, work / "runs", options, args.workers))]
         else:
-            seconds = train_cli(train, bundle, work / "runs", options, args.workers)
+            runs = [(None, bundle, train_cli(train, bundle, work / "runs", options, args.workers))]
+    for epoch, path, seconds in runs:
+        tag = (args.tag or "default") + (f"-e{epoch}" if epoch and len(runs) > 1 else "")
+        evaluate(path, train, test, split, options, tag, seconds, args)
+
+
+def evaluate(bundle: Path, train: Path, test: Path, split: dict, options: dict, tag: str, seconds, args) -> None:
     cmd = [sys.executable, "-m", "medray", "evaluate", str(bundle), "--data", str(test)]
     cmd += ["--n", str(args.n)] if args.n else []
     r = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True)
@@ -214,7 +229,7 @@ def main() -> None:
                              "held_out_real": near_copies(test_seqs, train_seqs, args.near)}
     s = report["summary"]
     row = {
-        "tag": args.tag or "default", "local": args.local, "options": options,
+        "tag": tag, "local": args.local, "options": options,
         "js6_ratio": s["kmer6_js"]["generated_to_random"], "js6": s["kmer6_js"]["generated"],
         "js6_random": s["kmer6_js"]["random"], "js6_second_real": s["kmer6_js"]["second_real"],
         "posfreq": s["position_freq_mae"]["generated"], "posfreq_random": s["position_freq_mae"]["random"],
@@ -237,8 +252,8 @@ def main() -> None:
           f"{row['IE_AG']} | {row['copies']} (near {row['near_copies']}, real {row['near_copies_real']}) | "
           f"{row['unique']} / {row['pairwise']} (real {row['pairwise_real']}) | {row['seconds']} | "
           f"n={row['n_small']}: {row['js6_ratio_small_n']:.3f}, {row['posfreq_small_n']:.4f} vs "
-          f"{row['posfreq_random_small_n']:.4f} |")
-    out = ROOT / "benchmarks" / "results" / f"gan_quality{'-' + args.tag if args.tag else ''}.json"
+          f"{row['posfreq_random_small_n']:.4f} |", flush=True)
+    out = ROOT / "benchmarks" / "results" / f"gan_quality{'-' + tag if tag != 'default' else ''}.json"
     out.write_text(json.dumps({"row": row, "split": split, "report": report,
                                "command": " ".join(["python", *sys.argv])}, indent=2))
     print(f"written {out}")

@@ -236,6 +236,7 @@ def cv_trial(config: dict, setup: dict) -> None:
 
     from medray import console
     from medray.train import train
+    from medray.train_common import DEFAULT_STORAGE
 
     console.set_mode(live=False, epoch_lines=False)  # this actor's output goes to the driver's log
     ctx = DataContext.get_current()
@@ -243,8 +244,8 @@ def cv_trial(config: dict, setup: dict) -> None:
     ctx.print_on_execution_start = False
     trial_id = ray.tune.get_context().get_trial_id()
     applied = resolve(setup["task"], config)
-    storage = setup["storage"]
-    if setup["concurrency"] > 1 and storage and "://" not in storage:
+    storage = setup["storage"] or DEFAULT_STORAGE
+    if setup["concurrency"] > 1 and "://" not in storage:
         # two trials drawing the same config at the same time must not share run directories
         storage = str(Path(storage) / f"trial-{trial_id}")
     folds, metric = setup["folds"], setup["metric"]

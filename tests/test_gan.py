@@ -88,6 +88,17 @@ def test_networks_and_one_training_step(gen_arch, critic_arch, projection, criti
     assert np.mean([a == b for s, t in zip(cold, argmax) for a, b in zip(s, t)]) > 0.95  # (near-ties aside)
 
 
+def test_conditional_is_the_cli_default_and_can_be_turned_off():
+    from medray.cli import build_parser
+
+    base = ["train", "genomic-gan", "--data", "x.fasta", "--out", "b"]
+    parse = build_parser().parse_args
+    # None: train_gan conditions on the labels when the data has them (the session fixture relies on it)
+    assert parse(base).conditional is None
+    assert parse([*base, "--conditional"]).conditional is True
+    assert parse([*base, "--no-conditional"]).conditional is False
+
+
 def test_two_workers_train_a_generator_far_closer_to_real_dna_than_random(gan):
     meta, path = gan
     history = meta["metrics"]["history"]
