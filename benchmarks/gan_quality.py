@@ -139,8 +139,16 @@ def train_local(train: Path, bundle: Path, options: dict, workers: int, seed: in
     t0 = time.time()
     per = recipe["steps_per_epoch"]
     counts = np.array([labs.count(c) for c in labels], dtype=float)
-    written = []
-    for epoch in range(1, recipe["epochs"] + 1):
+    written, first = [], 1
+    ckpt = bundle.with_name(f"{bundle.name}.ckpt.pt")  # resume after an interruption (same options)
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state["options"] == options:
+            steps.load_state_dict(state)
+            first, t0 = state["epoch"] + 1, time.time() - state["seconds"]
+            written = state["written"]
+            print(f"  resumed after epoch {state['epoch']}", flush=True)
+    for epoch in range(first, recipe["epochs"] + 1):
         rng.manual_seed(seed * 1000 + 7919 * epoch)
         c, g, gp = steps.run(xs, ys, (epoch - 1) * per + 1, per, rng)
         print(f"  epoch {epoch}: critic {np.mean(c):.3f} generator {np.mean(g):.3f} gp {np.mean(gp):.3f} "
@@ -156,6 +164,8 @@ def train_local(train: Path, bundle: Path, options: dict, workers: int, seed: in
             path = bundle if epoch == recipe["epochs"] else bundle.with_name(f"{bundle.name}-e{epoch}")
             write_bundle(path, steps.sampler().state_dict(), meta)
             written.append((epoch, path, seconds))
+        torch.save({**steps.state_dict(), "epoch": epoch, "seconds": time.time() - t0, "options": options,
+                    "written": written}, ckpt)
     return written
 
 

@@ -55,8 +55,11 @@ def port_holder(port: int) -> str | None:
 
 def check_port(host: str, port: int) -> None:
     """Fail at once, naming who holds it, when `port` cannot be listened on (before Ray starts:
-    Serve would otherwise bind the next free port of its range, or wait and time out)."""
+    Serve would otherwise bind the next free port of its range, or wait and time out). Bound with
+    SO_REUSEADDR, as Serve's HTTP server binds: connections of an earlier server on the port that
+    linger in TIME_WAIT (for a minute after it stopped) do not stop it; a listener does."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:

@@ -651,3 +651,31 @@ def test_build_app_checks_the_metrics_setting():
         build_app({"bundles": {"genomic": "x"}, "auth": {"enabled": False}, "metrics": {"port": 9}})
     build_app({"bundles": {"genomic": "x"}, "auth": {"enabled": False}, "metrics": {"public": True}})
 
+
+
+def test_a_port_left_in_time_wait_by_an_earlier_server_is_free_for_the_next():
+    """The port check binds as Serve's HTTP server does: the TIME_WAIT connections an earlier
+    application leaves for a minute (here: one the server closed first) do not block a new one on
+    the same port; a listener does."""
+    import socket
+
+    from medray.errors import MedrayError
+    from serve.local import check_port
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = server.accept()
+    conn.close()  # the server side closes first: its end stays in TIME_WAIT
+    time.sleep(0.1)
+    client.close()
+    server.close()
+    check_port("127.0.0.1", port)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        with pytest.raises(MedrayError, match="in use"):
+            check_port("127.0.0.1", holder.getsockname()[1])
