@@ -78,20 +78,26 @@ def quiet(command: str, folder: str | Path | None = None, verbose: bool = False)
     log = open(path, "a", buffering=1)
     sys.stdout.flush()
     sys.stderr.flush()
+    import ray
+
+    saved_mode = (_State.live, _State.epoch_lines)  # set_mode() lasts for this block only
+    ray_was_up = ray.is_initialized()  # a caller's Ray (a notebook, a test session) is theirs to stop
     saved_out, saved_err = os.dup(1), os.dup(2)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
-    _State.terminal = os.fdopen(os.dup(saved_out), "w", buffering=1)
-    _State.terminal_err = os.fdopen(os.dup(saved_err), "w", buffering=1)
+    # medray's lines go where the caller's sys.stdout/err go: the terminal behind fd 1/2 for the
+    # command line; the object itself where a notebook or a test harness replaced them
+    _State.terminal = (os.fdopen(os.dup(saved_out), "w", buffering=1) if _is_fd(sys.stdout, 1)
+                       else _Borrowed(sys.stdout))
+    _State.terminal_err = (os.fdopen(os.dup(saved_err), "w", buffering=1) if _is_fd(sys.stderr, 2)
+                           else _Borrowed(sys.stderr))
     _State.live = _State.terminal.isatty() if _State.live is None else _State.live
     _State.log_file, _State.log_stream = path, log
     try:
         yield path
     finally:
         with contextlib.suppress(Exception):  # Ray's last worker lines arrive as it stops: into the log
-            import ray
-
-            if ray.is_initialized():
+            if ray.is_initialized() and not ray_was_up:
                 ray.shutdown()
         for s in (sys.stdout, sys.stderr, _State.terminal, _State.terminal_err):
             with contextlib.suppress(Exception):
@@ -104,7 +110,29 @@ def quiet(command: str, folder: str | Path | None = None, verbose: bool = False)
         _State.terminal_err.close()
         _State.terminal = _State.terminal_err = None
         _State.log_file = _State.log_stream = None
+        _State.live, _State.epoch_lines = saved_mode
         log.close()
+
+
+def _is_fd(stream, fd: int) -> bool:
+    try:
+        return stream.fileno() == fd
+    except Exception:  # io.UnsupportedOperation and the like: not a real file
+        return False
+
+
+class _Borrowed:
+    """A stream medray writes to but does not own (closing it is a no-op)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._stream.flush()
 
 
 def move_log(folder: str | Path) -> None:

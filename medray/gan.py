@@ -143,6 +143,8 @@ class GanSteps:
                     group["lr"] = lr
             idx = torch.randint(0, len(xs), (cfg["batch_size"],), generator=rng).to(self.device)
             real, y = xs[idx], ys[idx]
+            if cfg.get("real_smoothing", 0):  # the critic sees real one-hots smoothed towards uniform
+                real = real * (1 - cfg["real_smoothing"]) + cfg["real_smoothing"] / 4
             n = len(real)
             z = torch.randn(n, gen.z_dim, generator=rng).to(self.device)
             with torch.no_grad():
@@ -166,10 +168,12 @@ class GanSteps:
                 _allreduce_grads(gen)
                 self.opt_g.step()
                 g_losses.append(float(loss_g.detach()))
-                if self.ema is not None:
+                if self.ema is not None:  # decay warmed up: the first steps do not anchor it to the init
+                    t = step // cfg["n_critic"]
+                    decay = min(cfg["ema"], (1 + t) / (10 + t))
                     with torch.no_grad():
                         for pe, p in zip(self.ema.parameters(), gen.parameters()):
-                            pe.lerp_(p, 1 - cfg["ema"])
+                            pe.lerp_(p, 1 - decay)
         return c_losses, g_losses, gps
 
 
@@ -487,9 +491,10 @@ def _report(folder: Path, reference: list[str], seed: int) -> None:
 # The default recipe (`medray train genomic-gan` without options); benchmarks/gan_quality.py measures
 # it on held-out gene loci. Any key can be overridden through train_gan's keyword arguments.
 RECIPE = {"epochs": 24, "batch_size": 32, "lr": 1e-4, "n_critic": 5, "gp_weight": 10.0, "steps_per_epoch": 500,
-          "lr_decay": False, "ema": 0.0, "critic_input": "soft", "tau": 1.0, "temperature": 1.0}
+          "lr_decay": False, "ema": 0.0, "critic_input": "soft", "tau": 1.0, "real_smoothing": 0.0,
+          "temperature": 1.0}
 GENERATOR = {"z_dim": 64, "width": 256, "arch": "mlp", "channels": 32}
-CRITIC = {"width": 256, "arch": "mlp", "projection": False, "channels": 64}
+CRITIC = {"width": 256, "arch": "mlp", "projection": False, "channels": 64, "kmer": 0, "kmer_size": 6}
 
 
 def train_gan(data: str, out: str, *, workers: int = 2, gpu: bool = False, storage: str | None = None,

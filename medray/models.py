@@ -219,13 +219,15 @@ class DNAGenerator(nn.Module):
 class DNACritic(nn.Module):
     """(4, length) [+ class] → a score, with no normalisation layers (the gradient penalty is per
     sample). `arch="mlp"`: an MLP over the flattened sequence; `arch="conv"`: two 1-D convolutions
-    (local motifs, k-mers) whose flattened map (position kept) feeds the same MLP head.
+    (local motifs, k-mers) whose flattened map (position kept) feeds the same MLP head. `kmer=C`
+    adds C convolutional k-mer detectors averaged over positions beside the MLP's features.
     The class enters either as a one-hot concatenated to the input (`projection=False`) or as a
     projection term <embed(class), h> on the last hidden layer (Miyato & Koyama 2018), which makes
     the critic judge each sample against its own class."""
 
     def __init__(self, length: int, n_classes: int = 0, width: int = 256, arch: str = "mlp",
-                 projection: bool = False, channels: int = 64, kernel_size: int = 5):
+                 projection: bool = False, channels: int = 64, kernel_size: int = 5, kmer: int = 0,
+                 kmer_size: int = 6):
         super().__init__()
         self.n_classes, self.length, self.arch = int(n_classes), int(length), str(arch)
         self.projection = bool(projection) and self.n_classes > 0
@@ -242,14 +244,23 @@ class DNACritic(nn.Module):
         else:
             raise ValueError(f"unknown critic arch {arch!r} (mlp, conv)")
         self.net = nn.Sequential(nn.Linear(flat, width), nn.LeakyReLU(0.2), nn.Linear(width, width), nn.LeakyReLU(0.2))
-        self.out = nn.Linear(width, 1)
-        self.embed = nn.Embedding(self.n_classes, width) if self.projection else None
+        # k-mer branch: `kmer` detectors of `kmer_size` bases averaged over all positions, i.e. the
+        # sequence's k-mer spectrum as the critic sees it (position-blind, which the MLP is not)
+        # (a linear layer on the unfolded windows: on a CPU far cheaper than Conv1d's double backward)
+        self.kmer_size = int(kmer_size)
+        self.kmer = nn.Linear(4 * self.kmer_size, kmer) if kmer else None
+        feats = width + int(kmer)
+        self.out = nn.Linear(feats, 1)
+        self.embed = nn.Embedding(self.n_classes, feats) if self.projection else None
 
     def forward(self, x, labels=None):
         h = self.features(x)
         if self.n_classes and not self.projection:
             h = torch.cat([h, torch.nn.functional.one_hot(labels, self.n_classes).to(h.dtype)], dim=1)
         h = self.net(h)
+        if self.kmer is not None:
+            windows = x.unfold(2, self.kmer_size, 1).permute(0, 2, 1, 3).flatten(2)  # (N, L-k+1, 4k)
+            h = torch.cat([h, torch.nn.functional.leaky_relu(self.kmer(windows), 0.2).mean(dim=1)], dim=1)
         score = self.out(h).squeeze(1)
         if self.projection:
             score = score + (self.embed(labels) * h).sum(dim=1)

@@ -3,6 +3,7 @@ output in a log file in the run directory; `--verbose` brings it back; errors re
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -67,3 +68,20 @@ def test_plain_progress_lines_say_how_long_is_left(capsys):
     assert "left ~0:06" in out[0]  # 3 epochs to go at the first epoch's 2 s
     assert "resumed from the checkpoint of epoch 1" in out[1]
     assert out[2].startswith("[medray] genomic poscnn epoch 2/4") and len(out) == 3
+
+
+def test_quiet_inside_a_process_leaves_the_callers_ray_and_streams_alone(ray_session, tmp_path, capsys):
+    """`medray.cli.main` called from Python (a notebook, a test): the caller's Ray stays up, medray's
+    lines reach the caller's sys.stdout, and the display mode set inside does not outlive the call."""
+    import ray
+
+    from medray import console
+
+    with console.quiet("train", folder=tmp_path) as log:
+        console.set_mode(live=False, epoch_lines=False)
+        console.say("[medray] hello")
+        os.write(1, b"ray noise\n")  # what Ray's C++ side and subprocesses write to fd 1: the log
+    assert ray.is_initialized()
+    assert capsys.readouterr().out == "[medray] hello\n"
+    assert "ray noise" in log.read_text() and "[medray] hello" in log.read_text()
+    assert console._State.epoch_lines is True and console._State.terminal is None
