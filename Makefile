@@ -3,6 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+BENCH  := $(VENV)/.installed-bench
 
 .PHONY: setup demo test bench clean
 
@@ -26,7 +27,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
-bench: $(STAMP)
+# the bench extra (LitServe, the third serving peer) on top of setup's environment; setup and test never install it
+$(BENCH): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	touch $(BENCH)
+
+bench: $(BENCH)
 	$(BIN)/python benchmarks/serving.py
 
 clean:

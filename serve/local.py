@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -92,11 +94,12 @@ def bundles_by_task(bundle_dirs: list[str]) -> dict[str, str]:
 def start(bundles: dict[str, str], host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
           throughput_optimized: bool = True, config: dict | None = None, name: str = "medray",
           tokens_file: str | None = None, no_auth: bool = False, audit_log: str | None = None,
-          wait: bool = True) -> str:
+          wait: bool = True, stop_signals: "StopSignals | None" = None) -> str:
     """Deploy the application and wait until every model is loaded (`wait=False`: return once it is
     deployed, e.g. to inspect a model that fails to load through /readyz); returns its base URL.
     `config` (default serve/config.yaml) gives the deployment settings and the app args (limits,
-    auth, cors_origins, audit_log); `tokens_file`, `no_auth` and `audit_log` override those."""
+    auth, cors_origins, audit_log); `tokens_file`, `no_auth` and `audit_log` override those.
+    `stop_signals`: installed as soon as Ray is up, so a stop during the start-up is clean too."""
     from serve.app import build, config_deployment_options, default_config, wait_ready
 
     config = config or default_config()
@@ -125,6 +128,9 @@ def start(bundles: dict[str, str], host: str = "127.0.0.1", port: int = 8000, ad
     from medray.ray_runtime import ensure_ray
 
     ensure_ray(address)
+    if stop_signals is not None:  # after ray.init: Ray's core worker installs handlers that abort
+        stop_signals.install()
+        print(f"[medray] Ray is up; starting Serve and loading {', '.join(bundles)}…", file=sys.stderr)
     from ray import serve
 
     serve.start(http_options={"host": host, "port": proxy_port}, logging_config=config.get("logging_config"))
@@ -179,37 +185,65 @@ def serve_bundles(bundle_dirs: list[str], host: str = "127.0.0.1", port: int = 8
         except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError) as e:
             raise MedrayError(f"{config_path}: not a Serve config with an application ({type(e).__name__}: {e})") \
                 from None
-    url = start(bundles, host, port, address, throughput_optimized, config=config, tokens_file=tokens_file,
-                no_auth=no_auth, audit_log=audit_log)
-    print(f"[medray] serving {', '.join(bundles)} at {url}  (API docs: {url}/docs; Ctrl-C stops)", file=sys.stderr)
-    why = wait_for_stop()
+    signals = StopSignals()
+    t_start = time.time()
+    try:
+        url = start(bundles, host, port, address, throughput_optimized, config=config, tokens_file=tokens_file,
+                    no_auth=no_auth, audit_log=audit_log, stop_signals=signals)
+    except BaseException:  # StopRequested, or what Ray's ray.get made of it (it wraps a handler's exception)
+        if not signals.got:
+            raise
+        stop_serving()
+        print(f"[medray] stopped ({signals.got[0]}) during the start-up", file=sys.stderr)
+        return
+    print(f"[medray] serving {', '.join(bundles)} at {url} (ready in {time.time() - t_start:.0f} s; "
+          f"API docs: {url}/docs; Ctrl-C stops)", file=sys.stderr)
+    why = signals.wait()
     t0 = time.time()
     stop_serving()
     print(f"[medray] stopped ({why}) in {time.time() - t0:.1f} s: requests in flight answered, Serve shut down",
           file=sys.stderr)
 
 
-def wait_for_stop() -> str:
-    """Block until SIGTERM (what Kubernetes, systemd and process managers send) or SIGINT
-    (Ctrl-C); returns its name. Python handlers replace the ones Ray's core worker installed
-    (which abort with a stack dump), so a stop is a stop, not a crash."""
-    import signal
-    import threading
+class StopRequested(Exception):
+    """SIGTERM or SIGINT arrived while the server was still starting."""
 
-    got: list[str] = []
-    stop = threading.Event()
 
-    def handler(signum, frame):
-        got.append(signal.Signals(signum).name)
-        stop.set()
+class StopSignals:
+    """SIGTERM (what Kubernetes, systemd and process managers send) and SIGINT (Ctrl-C) as a clean
+    stop. Python handlers replace the ones Ray's core worker installed at `ray.init` (which abort
+    with a stack dump), so they are installed right after Ray starts: a stop is never a crash, not
+    even during the start-up, when the handler interrupts the start (`StopRequested`)."""
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handler)
-    while not stop.wait(3600):
-        pass
-    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal during the drain: the default, at once
-        signal.signal(sig, signal.SIG_DFL)
-    return got[0]
+    def __init__(self):
+        self.got: list[str] = []
+        self.event = threading.Event()
+        self.starting = True
+        self.installed = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+        self.installed = True
+
+    def _handler(self, signum, frame):
+        self.got.append(signal.Signals(signum).name)
+        self.event.set()
+        if self.starting:
+            self.starting = False  # one interruption; a second signal waits for the clean stop
+            raise StopRequested(self.got[0])
+
+    def wait(self) -> str:
+        """Block until a stop signal; returns its name. A second signal during the drain: the
+        default action, at once."""
+        if not self.installed:
+            self.install()
+        self.starting = False
+        while not self.event.wait(3600):
+            pass
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        return self.got[0]
 
 
 def stop_serving() -> None:

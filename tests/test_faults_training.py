@@ -267,14 +267,14 @@ def test_driver_sigkill_then_same_command_resumes_from_the_latest_checkpoint(tmp
         _reap_instance(ray_tmp, timeout=5)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
-    m = re.findall(r"\[medray\] resuming from checkpoint at epoch (\d+)", second.stdout)
+    m = re.findall(r"\[medray\] .*resumed from the checkpoint of epoch (\d+)", second.stdout)
     assert m, second.stdout[-4000:]
     resumed = int(m[0])
     # from the newest checkpoint Ray had registered when the driver's instance was gone: possibly
     # older than the newest complete folder on disk (copied, not yet registered), never newer
     assert resumed == registered >= 1 and resumed <= on_disk_after, (resumed, registered, on_disk_after)
     # (Ray forwards each worker line to the driver twice here: the order of first sightings counts)
-    epoch_lines = list(dict.fromkeys(int(e) for e in re.findall(r"\[medray\] epoch (\d+)/", second.stdout)))
+    epoch_lines = list(dict.fromkeys(int(e) for e in re.findall(rf"\[medray\] .*epoch (\d+)/{epochs} ", second.stdout)))
     assert epoch_lines == list(range(resumed + 1, epochs + 1)), epoch_lines  # the second run only trains the rest
 
     meta = json.loads((out / "bundle.json").read_text())
@@ -284,7 +284,7 @@ def test_driver_sigkill_then_same_command_resumes_from_the_latest_checkpoint(tmp
     assert history[resumed]["resumed_from_epoch"] == resumed
     assert load_bundle(out).meta["training"]["epochs_trained"] == epochs
 
-    first_epochs = [int(e) for e in re.findall(r"\[medray\] epoch (\d+)/", log1.read_text())]
+    first_epochs = [int(e) for e in re.findall(rf"\[medray\] .*epoch (\d+)/{epochs} ", log1.read_text())]
     _record("driver_sigkill", {
         "task": "genomic", "workers": 2, "batch_size": 16, "epochs": epochs,
         "first_run_seconds_until_kill": round(t_kill - t0, 1),

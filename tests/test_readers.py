@@ -328,8 +328,10 @@ def test_cli_train_names_bad_records_before_training_and_writes_no_bundle(tmp_pa
 
     (tmp_path / "x.fa").write_text(">r1 label=EI\nACGT\n>r2 label=N\nACGXT\n>r3 label=IE\nAC GT!\n")
     assert main(["train", "genomic", "--data", str(tmp_path / "x.fa"), "--out", str(tmp_path / "b")]) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("medray: ")]
-    assert len(err) == 1, err
+    lines = capsys.readouterr().err.splitlines()
+    err = [line for line in lines if line.startswith("medray: error")]
+    assert len(err) == 1, lines
+    assert lines[-1].startswith("medray: Ray's own output for this run is in "), lines  # and where it went
     err = err[0]
     assert err.startswith("medray: error: ") and "2 unreadable records: record 2 (r2)" in err
     assert "record 3 (r3)" in err and "pass --skip-bad" in err and "Traceback" not in err

@@ -113,3 +113,32 @@ def test_a_stop_signal_drains_requests_and_exits_0_with_one_line(trained, tmp_pa
     assert before and all(o == 200 for o in before), before[:5]
     assert in_flight and all(o == 200 for o in in_flight), in_flight  # answered, not cut off
     assert not _listening(port), f"port {port} still taken after the stop"
+
+
+def test_a_stop_during_the_start_up_is_clean_too(trained, tmp_path):
+    """SIGTERM after Ray is up but before the models are ready (a pod deleted while it starts):
+    exit 0 and one line, not Ray's stack dump."""
+    _, bundle, _ = trained("genomic")
+    (tmp_path / "tokens").write_text(TOKEN + "\n")
+    port = free_port(span=17)
+    err = tmp_path / "stderr.txt"
+    p = subprocess.Popen(_cmd(bundle, port, tmp_path / "tokens"), stdout=subprocess.DEVNULL, stderr=open(err, "w"),
+                         cwd=ROOT, env=_env(), start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while "Ray is up" not in err.read_text() and time.time() < deadline and p.poll() is None:
+            time.sleep(0.2)
+        assert "Ray is up" in err.read_text(), err.read_text()[-3000:]
+        time.sleep(1)  # Serve is starting
+        p.send_signal(signal.SIGTERM)
+        code = p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    text = err.read_text()
+    assert code == 0, text[-3000:]
+    for crash in ("*** SIGTERM received", "Aborted", "Traceback"):
+        assert crash not in text, text[-3000:]
+    assert "[medray] stopped (SIGTERM) during the start-up" in text, text[-3000:]
+    assert "[medray] serving" not in text
+    assert not _listening(port)
