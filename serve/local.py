@@ -24,7 +24,12 @@ def throughput_env(port: int) -> dict[str, str]:
     """Environment for a local Ray instance whose Serve runs in throughput mode with the ingress
     replica listening on `port` itself (the first port of the direct-ingress range)."""
     return dict(THROUGHPUT_ENV, RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(port),
-                RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(port + 16))
+                RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(port + 16),
+                # an ingress replica stays open at least this long when it stops, for an external
+                # load balancer to deregister it (Serve's default 30 s, past serve.shutdown's own 30-s
+                # wait: every stop took 31 s and ended in a forced kill). `medray serve` has no load
+                # balancer in front; requests in flight are still drained (graceful_shutdown_timeout_s)
+                RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="2")
 
 
 def port_holder(port: int) -> str | None:
@@ -60,15 +65,45 @@ def check_port(host: str, port: int) -> None:
     Serve would otherwise bind the next free port of its range, or wait and time out). Bound with
     SO_REUSEADDR, as Serve's HTTP server binds: connections of an earlier server on the port that
     linger in TIME_WAIT (for a minute after it stopped) do not stop it; a listener does."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    deadline, said = time.time() + TIME_WAIT_MAX_S, False
+    while True:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+                return
+            except OSError as e:
+                who = port_holder(port)
+                # the connections an earlier server closed itself linger in TIME_WAIT for a minute and
+                # refuse the bind (Serve's replica listens without SO_REUSEADDR): a restart on the same
+                # port (systemd, a process manager) waits for them instead of failing
+                if who is None and _closing_connections(port) and time.time() < deadline:
+                    if not said:
+                        print(f"[medray] port {port}: connections of the previous server are closing "
+                              f"(TIME_WAIT); waiting for them (at most {TIME_WAIT_MAX_S:.0f} s)…", file=sys.stderr)
+                        said = True
+                    time.sleep(0.5)
+                    continue
+                held = f"in use by {who}" if who else f"not available ({e.strerror})"
+                raise MedrayError(f"port {port} on {host} is {held}: stop that or serve on another port (--port)") \
+                    from None
+
+
+TIME_WAIT_MAX_S = 75.0  # Linux keeps TIME_WAIT for 60 s
+
+
+def _closing_connections(port: int) -> bool:
+    """Whether TCP connections on local `port` are in TIME_WAIT (Linux /proc/net/tcp*; False elsewhere)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
-            s.bind((host, port))
-        except OSError as e:
-            who = port_holder(port)
-            held = f"in use by {who}" if who else f"not available ({e.strerror})"
-            raise MedrayError(f"port {port} on {host} is {held}: stop that or serve on another port (--port)") \
-                from None
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "06":
+                return True
+    return False
 
 
 def _free_port(host: str) -> int:
