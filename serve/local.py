@@ -32,10 +32,10 @@ def throughput_env(port: int) -> dict[str, str]:
                 RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="2")
 
 
-def port_holder(port: int) -> str | None:
-    """Who listens on TCP `port` here: "pid N (command)" from /proc (Linux), "another process"
-    when it is not visible to this user, None when nobody does."""
-    inodes = set()
+def _tcp_sockets(port: int) -> list[tuple[str, str]]:
+    """(state, inode) of the TCP sockets on local `port`, from /proc/net/tcp* (Linux; none
+    elsewhere). States: "0A" LISTEN, "06" TIME_WAIT."""
+    found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             rows = Path(table).read_text().splitlines()[1:]
@@ -43,8 +43,15 @@ def port_holder(port: int) -> str | None:
             continue
         for row in rows:
             f = row.split()
-            if len(f) > 9 and int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":  # 0A: LISTEN
-                inodes.add(f"socket:[{f[9]}]")
+            if len(f) > 9 and int(f[1].rsplit(":", 1)[1], 16) == port:
+                found.append((f[3], f[9]))
+    return found
+
+
+def port_holder(port: int) -> str | None:
+    """Who listens on TCP `port` here: "pid N (command)" from /proc (Linux), "another process"
+    when it is not visible to this user, None when nobody does."""
+    inodes = {f"socket:[{inode}]" for state, inode in _tcp_sockets(port) if state == "0A"}
     if not inodes:
         return None
     for proc in Path("/proc").iterdir():
@@ -63,8 +70,8 @@ def port_holder(port: int) -> str | None:
 def check_port(host: str, port: int) -> None:
     """Fail at once, naming who holds it, when `port` cannot be listened on (before Ray starts:
     Serve would otherwise bind the next free port of its range, or wait and time out). Bound with
-    SO_REUSEADDR, as Serve's HTTP server binds: connections of an earlier server on the port that
-    linger in TIME_WAIT (for a minute after it stopped) do not stop it; a listener does."""
+    SO_REUSEADDR, as Serve's HTTP server binds; connections in TIME_WAIT that still refuse the bind
+    (those an earlier server closed itself, for up to a minute after it stopped) are waited for."""
     deadline, said = time.time() + TIME_WAIT_MAX_S, False
     while True:
         with socket.socket() as s:
@@ -74,9 +81,9 @@ def check_port(host: str, port: int) -> None:
                 return
             except OSError as e:
                 who = port_holder(port)
-                # the connections an earlier server closed itself linger in TIME_WAIT for a minute and
-                # refuse the bind (Serve's replica listens without SO_REUSEADDR): a restart on the same
-                # port (systemd, a process manager) waits for them instead of failing
+                # connections an earlier server closed itself linger in TIME_WAIT for a minute and
+                # were seen to refuse the bind even with SO_REUSEADDR or SO_REUSEPORT (and Serve's own
+                # bind with them): a restart on the same port (systemd, a process manager) waits
                 if who is None and _closing_connections(port) and time.time() < deadline:
                     if not said:
                         print(f"[medray] port {port}: connections of the previous server are closing "
@@ -93,17 +100,8 @@ TIME_WAIT_MAX_S = 75.0  # Linux keeps TIME_WAIT for 60 s
 
 
 def _closing_connections(port: int) -> bool:
-    """Whether TCP connections on local `port` are in TIME_WAIT (Linux /proc/net/tcp*; False elsewhere)."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 3 and int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "06":
-                return True
-    return False
+    """Whether TCP connections on local `port` are in TIME_WAIT."""
+    return any(state == "06" for state, _ in _tcp_sockets(port))
 
 
 def _free_port(host: str) -> int:
@@ -254,12 +252,10 @@ class StopSignals:
         self.got: list[str] = []
         self.event = threading.Event()
         self.starting = True
-        self.installed = False
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
-        self.installed = True
 
     def _handler(self, signum, frame):
         self.got.append(signal.Signals(signum).name)
@@ -271,8 +267,6 @@ class StopSignals:
     def wait(self) -> str:
         """Block until a stop signal; returns its name. A second signal during the drain: the
         default action, at once."""
-        if not self.installed:
-            self.install()
         self.starting = False
         while not self.event.wait(3600):
             pass
