@@ -26,7 +26,8 @@ import torch
 
 from medray import __version__
 from medray.errors import BundleError
-from medray.models import build_model
+from medray.models import build_model, fuse_for_inference
+from medray.tasks import TASKS
 from medray.preprocessing import preprocessor_from_dict
 
 FORMAT = "medray-bundle/1"
@@ -193,4 +194,6 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise BundleError(f"{path}: weights do not fit the model in bundle.json: {str(e).splitlines()[0]}") from None
     model.eval()
+    if meta["task"] in TASKS:  # classifiers (not the GAN's generator): batch norms folded away
+        fuse_for_inference(model)
     return Bundle(path=path, meta=meta, model=model, preprocessor=preprocessor)

@@ -5,6 +5,11 @@
                                                    ──handle──▶ genomic    (ModelServer)
                                                    ──handle──▶ genomic-gan (GeneratorServer)
 
+The light models named in `local_models` (default: exercise, genomic) are also loaded in each
+ingress replica, which answers with its own copy while that copy is idle: a lone request skips the
+ingress → replica hop, the largest part of its latency. Requests that arrive while it is busy go
+to the model's deployment, whose replicas scale out as before.
+
 This module builds the application; each concern has its own module:
 
     serve/deployments.py   the model deployments (ModelServer, GeneratorServer)
@@ -49,7 +54,8 @@ from serve.security import SecurityConfig
 from serve.v1 import V1Routes
 
 MODEL_TASKS = SERVED_TASKS
-APP_ARGS = ("bundles", "limits", "auth", "cors_origins", "audit_log", "metrics")
+APP_ARGS = ("bundles", "limits", "auth", "cors_origins", "audit_log", "metrics", "local_models")
+LOCAL_TASKS = ("exercise", "genomic", "ultrasound")  # the tasks an ingress can also hold (not the GAN)
 
 
 for _router in (gateway.router, v1.router, v2.router):  # /healthz /readyz /metrics, then /v1, then /v2
@@ -88,6 +94,8 @@ def build_app(args: dict):
       cors_origins: [ORIGIN, …]                   browser origins allowed to call (default: none)
       audit_log: PATH                             audit lines (default: the ingress replica's stderr)
       metrics: {public: false}                    GET /metrics without a token when public is true
+      local_models: [exercise, genomic]           models also loaded in the ingress, answering there
+                                                  while idle (no hop); [] = always through their replicas
     Relative paths are taken from the directory the builder runs in. Under `serve run`/`serve deploy`
     the config's `deployments:` settings apply on top."""
     return build(args)
@@ -115,12 +123,17 @@ def build(args: dict | None = None, deployment_options: dict[str, dict] | None =
     if security["auth"].get("tokens_file"):
         security["auth"]["tokens_file"] = _absolute(security["auth"]["tokens_file"])
     SecurityConfig.from_args(**security, configure_log=False)  # a missing tokens file fails here, not later
+    local = args.get("local_models") or []
+    if not isinstance(local, list) or set(local) - set(LOCAL_TASKS):
+        raise ValueError(f"args.local_models: expected a list of {', '.join(LOCAL_TASKS)}, got {local!r}")
     opts = deployment_options or {}
     models = {}
     for task, path in bundles.items():
         cls = GeneratorServer if task == "genomic-gan" else ModelServer
         models[task] = cls.options(name=task, **opts.get(task, {})).bind(_absolute(path), task)
-    return Gateway.options(name="ingress", **opts.get("ingress", {})).bind(models, args.get("limits"), security)
+    local_models = {task: _absolute(bundles[task]) for task in local if task in bundles}
+    return Gateway.options(name="ingress", **opts.get("ingress", {})).bind(models, args.get("limits"), security,
+                                                                            local_models)
 
 
 def _absolute(path: str | None) -> str | None:

@@ -7,6 +7,9 @@
   `serve/config.yaml` (or `serve deploy` of an edited copy) changes them without code edits or a restart.
   Each forward pass's size goes to the `medray_batch_size` histogram (serve/metrics.py).
 * `GeneratorServer` samples sequences from a genomic-gan bundle (`medray.gan.generate`).
+* `LoadedModel` is what both hold: a loaded bundle, its metadata, and forward passes on a thread
+  (so the event loop keeps accepting requests). The ingress holds one too for each model in
+  `local_models` (serve/gateway.py): it answers there while idle, without the hop to this replica.
 
 A bundle that fails to load leaves its replica up, reporting why (`info()`; /readyz shows it), so
 the other models keep serving.
@@ -32,28 +35,16 @@ class ModelUnavailable(Exception):
     """The bundle failed to load; the replica stays up to report why (see /readyz)."""
 
 
-@serve.deployment(
-    # Defaults; serve/config.yaml sets the tuned values (and `medray serve` applies them too).
-    max_ongoing_requests=32,
-    max_queued_requests=256,
-    user_config={"max_batch_size": 32, "batch_wait_timeout_s": 0.0},
-    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2},
-    ray_actor_options={"num_cpus": 1},
-)
-class ModelServer:
+class LoadedModel:
+    """A bundle loaded for serving (or why it failed to load), with one thread for its forward
+    passes: `ModelServer` replicas hold one, and so does an ingress replica for each local model."""
+
     def __init__(self, bundle_path: str, task: str | None = None):
-        undo_worker_niceness()
         self.path = str(bundle_path)
         self.bundle, self.error = load_for_serving(self.path, task)
-        if self.bundle is None:
-            return
         # one thread runs forward passes, so the event loop keeps accepting (and batching) requests
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
-
-    def reconfigure(self, config: dict) -> None:
-        config = dict(config or {})
-        self.predict_batch.set_max_batch_size(int(config.get("max_batch_size", 32)))
-        self.predict_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.0)))
+        self.busy = 0  # forward passes submitted and not yet finished
 
     def info(self) -> dict:
         if self.bundle is None:
@@ -75,19 +66,62 @@ class ModelServer:
             "device": str(self.bundle.device),
         }
 
-    async def predict(self, inputs) -> tuple[np.ndarray, int]:
-        """(probabilities, instances in the forward pass) for one request's raw inputs."""
+    @property
+    def idle(self) -> bool:
+        """Loaded, and no forward pass under way."""
+        return self.bundle is not None and self.busy == 0
+
+    async def forward(self, inputs, inline: bool = False) -> np.ndarray:
+        """Probabilities for already-joined raw inputs (`Bundle.predict`, the code `medray predict`
+        runs), on this model's thread (`inline`: on the calling event loop, for passes shorter than
+        the two thread switches a pass on the thread costs); the batch size goes to the
+        `medray_batch_size` histogram."""
         if self.bundle is None:
             raise ModelUnavailable(self.error)
+        self.busy += 1
+        try:
+            if inline:
+                probs = self.bundle.predict(inputs)
+            else:
+                probs = await asyncio.get_running_loop().run_in_executor(self._pool, self.bundle.predict, inputs)
+        finally:
+            self.busy -= 1
+        metrics.record_batch(self.bundle.task, len(inputs))
+        return probs
+
+
+@serve.deployment(
+    # Defaults; serve/config.yaml sets the tuned values (and `medray serve` applies them too).
+    max_ongoing_requests=32,
+    max_queued_requests=256,
+    user_config={"max_batch_size": 32, "batch_wait_timeout_s": 0.0},
+    autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2},
+    ray_actor_options={"num_cpus": 1},
+)
+class ModelServer:
+    def __init__(self, bundle_path: str, task: str | None = None):
+        undo_worker_niceness()
+        self.model = LoadedModel(bundle_path, task)
+
+    def reconfigure(self, config: dict) -> None:
+        config = dict(config or {})
+        self.predict_batch.set_max_batch_size(int(config.get("max_batch_size", 32)))
+        self.predict_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.0)))
+
+    def info(self) -> dict:
+        return self.model.info()
+
+    async def predict(self, inputs) -> tuple[np.ndarray, int]:
+        """(probabilities, instances in the forward pass) for one request's raw inputs."""
+        if self.model.bundle is None:
+            raise ModelUnavailable(self.model.error)
         return await self.predict_batch(inputs)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def predict_batch(self, batch: list) -> list[tuple[np.ndarray, int]]:
         counts = [len(x) for x in batch]
         joined = concat(batch)
-        probs = await asyncio.get_running_loop().run_in_executor(self._pool, self.bundle.predict, joined)
-        metrics.record_batch(self.bundle.task, len(joined))
-        return split(probs, counts, len(joined))
+        return split(await self.model.forward(joined), counts, len(joined))
 
 
 @serve.deployment(

@@ -4,7 +4,9 @@ the one path from parsed inputs to model outputs.
     HTTP ──▶ RequestMetricsMiddleware ──▶ SecurityMiddleware (auth, audit)
              ──▶ route (/v1: serve/v1.py, /v2: serve/v2.py)
              read_body (size, time limits) ──▶ serve/inputs.py validators (the same for both)
-             ──▶ run_model: ingress batching ──handle──▶ model replica (serve/deployments.py)
+             ──▶ run_model: ingress batching ──▶ the model's copy in this replica, when it is idle
+                                             (`local_models`: light models; no hop)
+                                             ──handle──▶ model replica (serve/deployments.py) otherwise
 
 * Errors: every refusal is a `RequestError` (serve/inputs.py), answered by `error_response` as
   `{"error": code, "detail": message}` with its status, whichever route or protocol raised it.
@@ -36,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from medray import __version__
 from serve import metrics
 from serve import security as security_config
-from serve.deployments import ModelUnavailable, concat, split, undo_worker_niceness
+from serve.deployments import LoadedModel, ModelUnavailable, concat, split, undo_worker_niceness
 from serve.inputs import Limits, RequestError
 from serve.security import PUBLIC_PATHS, SecurityConfig, SecurityMiddleware, note
 
@@ -50,6 +52,10 @@ RETRY_AFTER_S = 1
 # tabular and sequence models cut their 64-instance throughput by half or more (the extra hops cost
 # more than their forward passes), so those always batch in the ingress.
 DIRECT_CALL_IMAGES = 32
+# A request for a light model held in the ingress (`local_models`) with at most this many instances
+# runs its forward pass on the event loop: shorter than the hand-over to the forward thread and back
+# (images always go to the thread: one takes milliseconds).
+INLINE_INSTANCES = {"exercise": 8, "genomic": 8}
 
 
 # --------------------------------------------------------------------------- the FastAPI app
@@ -292,12 +298,15 @@ class GatewayBase:
     """What an ingress replica holds (model handles, limits, model metadata) and does for every
     protocol; serve/app.py makes it (with serve/v1.py's helpers) the `ingress` deployment."""
 
-    def __init__(self, models: dict, limits: dict | None = None, security: dict | None = None):
+    def __init__(self, models: dict, limits: dict | None = None, security: dict | None = None,
+                 local_models: dict[str, str] | None = None):
         undo_worker_niceness()
         self.models = dict(models)
         self.limits = Limits.from_dict(limits)
         security_config.install(SecurityConfig.from_args(**(security or {})))  # read by SecurityMiddleware
         self._info: dict[str, dict] = {}
+        # {task: LoadedModel}: light models this replica also holds (serve/config.yaml `local_models`)
+        self.local = {task: LoadedModel(path, task) for task, path in (local_models or {}).items()}
 
     # ---- model metadata (fetched from the replicas, so it is what they actually loaded)
 
@@ -341,7 +350,16 @@ class GatewayBase:
         return await self._forward("genomic", items)
 
     async def _forward(self, task: str, items: list) -> list:
-        probs, batch = await call_model(self.models[task], task, concat(items))
+        """One forward pass for a batch of requests: by this replica's copy of the model when it
+        holds one and it is idle (no hop: a lone request costs what it costs a plain server), else
+        by the model's deployment (its replicas add cores when requests come faster than one
+        forward pass at a time answers them)."""
+        joined = concat(items)
+        local = self.local.get(task)
+        if local is not None and local.idle:
+            probs, batch = await local.forward(joined, inline=len(joined) <= INLINE_INSTANCES.get(task, 0)), len(joined)
+        else:
+            probs, batch = await call_model(self.models[task], task, joined)
         return split(probs, [len(x) for x in items], batch)
 
     async def readiness(self) -> tuple[bool, dict]:
@@ -351,7 +369,7 @@ class GatewayBase:
         return bool(models) and all(m["ready"] for m in models.values()), models
 
 
-def current_gateway() -> GatewayBase:
+async def current_gateway() -> GatewayBase:  # async: FastAPI runs a plain def in a thread
     """The ingress replica serving this request (what Serve's class-based views inject as `self`)."""
     return serve.get_replica_context().servable_object
 

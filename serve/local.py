@@ -171,7 +171,8 @@ def start(bundles: dict[str, str], host: str = "127.0.0.1", port: int = 8000, ad
     if proxy_port != port:  # direct ingress: one ingress replica owns the port
         options["ingress"] = dict(options.get("ingress", {}), num_replicas=1, autoscaling_config=None)
     app = build(args, options)
-    serve.run(app, name=name, route_prefix="/", blocking=False)
+    serve.run(app, name=name, route_prefix="/", blocking=False,
+              logging_config=config["applications"][0].get("logging_config"))
     url = f"http://{host}:{port}"
     if wait:
         try:

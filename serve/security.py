@@ -227,6 +227,17 @@ def install(config: SecurityConfig) -> None:
     _installed = config
 
 
+class _ToLogger(logging.Handler):
+    """Each record's message, logged at INFO by `target` (where the replica's stderr lines go)."""
+
+    def __init__(self, target: logging.Logger):
+        super().__init__()
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.target.info(self.format(record))
+
+
 def configure_audit_log(path: str | None) -> None:
     """Audit lines go to `path` (appended; one JSON object per line) or, by default, to stderr
     (the replica's log; on Kubernetes, the pod's log collection)."""
@@ -236,6 +247,10 @@ def configure_audit_log(path: str | None) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(path, encoding="utf-8")
+    elif isinstance(getattr(sys.stderr, "_logger", None), logging.Logger):
+        # in a Serve replica, sys.stderr is Serve's StreamToLogger, which walks the whole stack
+        # (traceback.extract_stack, twice) for every line: hand the line to its logger directly
+        handler = _ToLogger(sys.stderr._logger)
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))

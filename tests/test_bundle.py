@@ -139,3 +139,26 @@ def test_an_ensemble_bundle_predicts_the_mean_of_its_members(tmp_path):
     assert not np.allclose(members[0], members[1])  # different initial weights
     assert np.allclose(b.predict(x), np.mean(members, axis=0), atol=1e-6)
     assert model(xt, members=True).shape == (3, 12, 3)
+
+
+@pytest.mark.parametrize("arch", [{"name": "cnn1d", "params": {}}, {"name": "poscnn", "params": {}},
+                                  {"name": "convnet", "params": {}}])
+def test_a_loaded_bundle_folds_batch_norms_into_its_convolutions_with_the_same_outputs(tmp_path, arch):
+    torch.manual_seed(0)
+    shape = [1, 32, 32] if arch["name"] == "convnet" else [4, 60]
+    model = build_model(arch, shape, 3)
+    with torch.no_grad():  # batch-norm statistics far from the identity, so folding them changes weights
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.uniform_(0.5, 2)
+    model.eval()
+    n_bn = sum(isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)) for m in model.modules())
+    prep = StandardScaler.fit(np.zeros((2, int(np.prod(shape))), np.float32), [f"f{i}" for i in range(int(np.prod(shape)))])
+    meta = {"task": "exercise", "model": arch, "preprocessing": prep.to_dict(), "labels": ["a", "b", "c"],
+            "input_shape": shape, "metrics": {}}
+    b = load_bundle(write_bundle(tmp_path / "c", model.state_dict(), meta))
+    left = sum(isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)) for m in b.model.modules())
+    x = torch.randn(16, *shape)
+    with torch.no_grad():
+        assert torch.allclose(b.model(x), model(x), atol=1e-5)
+    assert n_bn > 0 and left < n_bn

@@ -52,22 +52,23 @@ class Served:
         self.token_file, self.headers = token_file, {"Authorization": f"Bearer {token}"}
         self.current, self.url = None, None
 
-    def config(self, overrides: dict[str, dict]) -> dict:
+    def config(self, overrides: dict[str, dict], args: dict | None = None) -> dict:
         from serve.app import default_config
 
         config = copy.deepcopy(default_config())
         app = config["applications"][0]
         app["args"]["auth"] = {"tokens_file": str(self.token_file)}  # ignored by a build without auth
+        app["args"].update(args or {})
         for d in app["deployments"]:
             d.update(overrides.get(d["name"], {}))
         return config
 
     def use(self, key: str, bundles: dict[str, str], overrides: dict[str, dict] | None = None,
-            wait: bool = True) -> str:
+            wait: bool = True, args: dict | None = None) -> str:
         if self.current == key:
             return self.url
         self.current = None
-        self.url = start_serve(bundles, config=self.config(overrides or {}), name=APP, wait=wait)
+        self.url = start_serve(bundles, config=self.config(overrides or {}, args), name=APP, wait=wait)
         self.current = key
         return self.url
 
@@ -207,7 +208,9 @@ def test_killed_replica_is_replaced_without_failed_requests(served, trained):
     exercise = str(trained("exercise")[1])
     bundles = {"exercise": exercise, "genomic": str(trained("genomic")[1])}
     # two exercise replicas (fixed: autoscaling must not add one, which would blur "replaced")
-    served.use("kill", bundles, {"exercise": {"num_replicas": 2, "autoscaling_config": None}})
+    # every request through the model replicas (not the ingress's own copy): they are what is killed
+    served.use("kill", bundles, {"exercise": {"num_replicas": 2, "autoscaling_config": None}},
+               args={"local_models": []})
     deadline = time.time() + 60
     while time.time() < deadline and _running("exercise")[0] < 2:
         time.sleep(0.5)
@@ -330,10 +333,10 @@ class _Gateway:
     """Gateway's `_forward` and `_predict` over fake handles, without a replica (or Serve's ingress
     wrapper, whose instances expect to live in one)."""
 
-    def __init__(self, handles: dict):
+    def __init__(self, handles: dict, local: dict | None = None):
         from serve.app import Gateway
 
-        self.models, self._cls = handles, Gateway.func_or_class
+        self.models, self.local, self._cls = handles, dict(local or {}), Gateway.func_or_class
 
     async def _forward(self, task, items):
         return await self._cls._forward(self, task, items)
@@ -363,6 +366,34 @@ def test_calls_lost_with_a_dead_replica_are_sent_again(monkeypatch):
     handle = FakeHandle(_dead()[0], lambda x: (np.arange(len(x))[:, None] * np.ones((1, 2)), len(x)))
     out = asyncio.run(_Gateway({"genomic": handle})._forward("genomic", [["A"], ["C", "G"], ["T", "T", "T"]]))
     assert [p[:, 0].tolist() for p, _ in out] == [[0], [1, 2], [3, 4, 5]] and {b for _, b in out} == {6}
+
+
+def test_the_ingress_copy_of_a_light_model_answers_while_idle_and_the_replicas_while_it_is_busy(tmp_path):
+    """`local_models`: a batch goes to the ingress's own copy when no forward pass of it is under
+    way (no hop), to the model's deployment otherwise; the answers are the bundle's either way."""
+    from test_bundle import _bundle
+
+    from serve.deployments import LoadedModel
+
+    path, _, _, x = _bundle(tmp_path)
+    local = LoadedModel(path, "exercise")
+    expected = local.bundle.predict(x[:3])
+    handle = FakeHandle(lambda inputs: (local.bundle.predict(inputs), len(inputs)))
+    gw = _Gateway({"exercise": handle}, {"exercise": local})
+
+    async def go():
+        (p, batch), = await gw._forward("exercise", [x[:3]])  # idle: answered here, inline
+        assert handle.calls == 0 and batch == 3 and np.allclose(p, expected)
+        slow = asyncio.create_task(gw._forward("exercise", [x]))  # 20 rows: on the forward thread
+        await asyncio.sleep(0)
+        busy = local.busy
+        (p, _), = await gw._forward("exercise", [x[:3]])  # meanwhile: the deployment answers
+        await slow
+        return busy, p
+
+    busy, p = asyncio.run(go())
+    assert busy == 1 and handle.calls == 1 and np.allclose(p, expected, atol=1e-6)
+    assert local.busy == 0
 
 
 def test_a_model_error_is_not_retried(monkeypatch):
