@@ -5,7 +5,7 @@
                                                    ──handle──▶ genomic    (ModelServer)
                                                    ──handle──▶ genomic-gan (GeneratorServer)
 
-The light models named in `local_models` (default: exercise, genomic) are also loaded in each
+The models named in `local_models` (default: all three classifiers) are also loaded in each
 ingress replica, which answers with its own copy while that copy is idle: a lone request skips the
 ingress → replica hop, the largest part of its latency. Requests that arrive while it is busy go
 to the model's deployment, whose replicas scale out as before.
@@ -94,7 +94,7 @@ def build_app(args: dict):
       cors_origins: [ORIGIN, …]                   browser origins allowed to call (default: none)
       audit_log: PATH                             audit lines (default: the ingress replica's stderr)
       metrics: {public: false}                    GET /metrics without a token when public is true
-      local_models: [exercise, genomic]           models also loaded in the ingress, answering there
+      local_models: [exercise, genomic, …]        models also loaded in the ingress, answering there
                                                   while idle (no hop); [] = always through their replicas
     Relative paths are taken from the directory the builder runs in. Under `serve run`/`serve deploy`
     the config's `deployments:` settings apply on top."""
