@@ -11,6 +11,7 @@ Results: results/serve_cycles.json and results/serve_cycles.md (the table docs/s
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import signal
@@ -19,9 +20,8 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -43,14 +43,24 @@ def free_port(span: int = 17) -> int:
     raise RuntimeError("no free port range")
 
 
-def status(url: str) -> int | None:
+def request(base: str, path: str, body: dict | None = None) -> int | None:
+    """The status of one keep-alive request, its connection closed by this side (as a pooled
+    client does): a connection the server closes lingers in TIME_WAIT on the server's port."""
+    where = urlsplit(base)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
     try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
+        if body is None:
+            conn.request("GET", path)
+        else:
+            conn.request("POST", path, json.dumps(body).encode(),
+                         {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
+        r = conn.getresponse()
+        r.read()
+        return r.status
     except OSError:
         return None
+    finally:
+        conn.close()
 
 
 def one_request(base: str, task: str) -> int:
@@ -58,13 +68,7 @@ def one_request(base: str, task: str) -> int:
             "exercise": None, "ultrasound": None}.get(task)
     if body is None:
         return 200  # only the genomic model gets a request (its inputs need no sample file)
-    req = urllib.request.Request(f"{base}/v1/{task}/predict", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
+    return request(base, f"/v1/{task}/predict", body)
 
 
 def cycle(bundles: list[str], port: int, tokens: Path, log: Path) -> dict:
@@ -77,7 +81,7 @@ def cycle(bundles: list[str], port: int, tokens: Path, log: Path) -> dict:
     ready = None
     try:
         while time.time() - t0 < 300 and p.poll() is None:
-            if status(f"{base}/readyz") == 200:
+            if request(base, "/readyz") == 200:
                 ready = time.time() - t0
                 break
             time.sleep(0.25)

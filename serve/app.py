@@ -154,20 +154,28 @@ def config_deployment_options(config: dict | None = None) -> dict[str, dict]:
 
 
 def wait_ready(url: str, timeout_s: float = 120.0) -> None:
-    """Block until GET {url}/readyz answers 200 (every model loaded)."""
-    import urllib.error
-    import urllib.request
+    """Block until GET {url}/readyz answers 200 (every model loaded). Each poll is a keep-alive
+    request whose connection this side closes: a connection the server closes (what urllib's
+    `Connection: close` asks for) lingers in TIME_WAIT on the server's port for a minute, and on
+    Linux such connections keep the next server from binding that port."""
+    import http.client
+    from urllib.parse import urlsplit
 
+    where = urlsplit(url)
     deadline = time.time() + timeout_s
     last = None
     while time.time() < deadline:
+        conn = http.client.HTTPConnection(where.hostname, where.port or 80, timeout=5)
         try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except urllib.error.HTTPError as e:
-            last = e.read().decode(errors="replace")[:500]
+            conn.request("GET", "/readyz")
+            r = conn.getresponse()
+            body = r.read()
+            if r.status == 200:
+                return
+            last = body.decode(errors="replace")[:500]
         except OSError as e:
             last = str(e)
+        finally:
+            conn.close()
         time.sleep(0.5)
     raise MedrayError(f"the application at {url} did not become ready in {timeout_s:.0f}s: {last}")
