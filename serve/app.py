@@ -114,6 +114,9 @@ def build(args: dict | None = None, deployment_options: dict[str, dict] | None =
     unknown = set(args) - set(APP_ARGS)
     if unknown:
         raise ValueError(f"unknown application arg(s) {sorted(unknown)} (known: {', '.join(APP_ARGS)})")
+    local = args.get("local_models") or []
+    if not isinstance(local, list) or set(local) - set(LOCAL_TASKS):
+        raise ValueError(f"args.local_models: expected a list of {', '.join(LOCAL_TASKS)}, got {local!r}")
     Limits.from_dict(args.get("limits"))  # fail at build time, not in the replica
     metrics = dict(args.get("metrics") or {})
     if set(metrics) - {"public"} or not isinstance(metrics.get("public", False), bool):
@@ -123,9 +126,6 @@ def build(args: dict | None = None, deployment_options: dict[str, dict] | None =
     if security["auth"].get("tokens_file"):
         security["auth"]["tokens_file"] = _absolute(security["auth"]["tokens_file"])
     SecurityConfig.from_args(**security, configure_log=False)  # a missing tokens file fails here, not later
-    local = args.get("local_models") or []
-    if not isinstance(local, list) or set(local) - set(LOCAL_TASKS):
-        raise ValueError(f"args.local_models: expected a list of {', '.join(LOCAL_TASKS)}, got {local!r}")
     opts = deployment_options or {}
     models = {}
     for task, path in bundles.items():

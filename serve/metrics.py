@@ -1,7 +1,8 @@
 """Prometheus metrics of the medray application: recorded where they happen, exported by Ray.
 
 Where counts happen: an ingress replica sees each HTTP request (status, latency) and each
-prediction (instances, predicted labels); a model replica sees each forward pass (batch size).
+prediction (instances, predicted labels); a model replica, or the ingress's own copy of a model
+(`local_models`), sees each forward pass (batch size).
 These are separate processes, several of each, on several nodes. So every process records into
 `ray.util.metrics` (Counter/Histogram), and Ray's metrics agent on each node exports them, beside
 Ray's own metrics, on the node's metrics export port (8080 on KubeRay pods): one series per
@@ -58,7 +59,7 @@ class _Metrics:
         self.latency = Histogram("medray_request_latency_seconds",
                                  "medray inference request latency (request arrival to response sent), seconds",
                                  boundaries=LATENCY_BOUNDARIES, tag_keys=("model", "protocol", "code_class"))
-        self.batch = Histogram("medray_batch_size", "instances per forward pass of a model replica",
+        self.batch = Histogram("medray_batch_size", "instances per forward pass (model replica or ingress copy)",
                                boundaries=BATCH_BOUNDARIES, tag_keys=("model",))
         self.instances = Counter("medray_instances", "instances predicted (sequences generated)",
                                  tag_keys=("model",))

@@ -351,6 +351,10 @@ def test_build_app_refuses_unknown_tasks_and_bad_limits():
         build_app({"bundles": {"genomic": "x"}, "limits": {"max_bodies": 1}})
     with pytest.raises(ValueError, match="bundles"):
         build_app({})
+    with pytest.raises(ValueError, match="local_models"):  # the GAN is not a classifier the ingress can hold
+        build_app({"bundles": {"genomic": "x"}, "local_models": ["genomic-gan"]})
+    with pytest.raises(ValueError, match="local_models"):
+        build_app({"bundles": {"genomic": "x"}, "local_models": "genomic"})
 
 
 # --------------------------------------------------------------------------- security
