@@ -12,7 +12,7 @@ serve/config.yaml is the Serve application config (`serve build` format) that `s
 * `args.auth.tokens_file`: `/etc/medray/tokens`, where the pods mount the Secret `medray-tokens`
   (authentication stays on; the tokens never appear in a manifest);
 * prod only: each model deployment's replica takes `PROD_GPUS_PER_MODEL_REPLICA` GPUs
-  (`ray_actor_options.num_gpus`); the ingress stays on CPU.
+  (`ray_actor_options.num_gpus`); the ingress stays on CPU and holds no model copies (`local_models: []`).
 
 Everything else (limits, autoscaling, batching, queue bounds, logging) is copied as it is.
 
@@ -55,6 +55,7 @@ class _Plain(yaml.SafeDumper):
     def ignore_aliases(self, data):
         return True
 
+
 def load_serve_config(path: str | Path = SERVE_CONFIG) -> dict:
     return yaml.safe_load(Path(path).read_text())
 
@@ -85,6 +86,9 @@ def k8s_serve_config(config: dict, gpus_per_model_replica: float | None = None) 
                 raise ValueError(f"serve config: no deployments entry for model(s) {missing}")
             for task in bundles:
                 deployments[task].setdefault("ray_actor_options", {})["num_gpus"] = gpus_per_model_replica
+            # the models run on the GPU replicas only: a CPU copy in the ingress (local_models) would
+            # take batches off them whenever it is idle, at CPU speed
+            args["local_models"] = []
     return cfg
 
 

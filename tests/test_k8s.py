@@ -221,6 +221,7 @@ def test_k8s_serve_config_is_serve_config_yaml_with_only_paths_host_tokens_and_g
     deployments = {d["name"]: d for d in app["deployments"]}
     assert all(deployments[t]["ray_actor_options"]["num_gpus"] == 0.5 for t in tasks)
     assert deployments["ingress"]["ray_actor_options"].get("num_gpus", 0) == 0
+    assert app["args"]["local_models"] == [] and src_app["args"]["local_models"]  # GPU replicas only
 
     # undo exactly those changes: what is left must be serve/config.yaml, untouched
     undone = copy.deepcopy(k8s)
@@ -228,6 +229,7 @@ def test_k8s_serve_config_is_serve_config_yaml_with_only_paths_host_tokens_and_g
     undone["applications"][0]["args"]["bundles"] = src_app["args"]["bundles"]
     assert app["args"]["auth"] == {"tokens_file": "/etc/medray/tokens"}  # on, from the mounted Secret
     undone["applications"][0]["args"]["auth"] = src_app["args"]["auth"]
+    undone["applications"][0]["args"]["local_models"] = src_app["args"]["local_models"]
     src_deployments = {d["name"]: d for d in src_app["deployments"]}
     for d in undone["applications"][0]["deployments"]:
         options, src_options = d.get("ray_actor_options", {}), src_deployments[d["name"]].get("ray_actor_options", {})
