@@ -27,8 +27,8 @@ import torch
 from medray import __version__
 from medray.errors import BundleError
 from medray.models import build_model, fuse_for_inference
-from medray.tasks import TASKS
 from medray.preprocessing import preprocessor_from_dict
+from medray.tasks import TASKS
 
 FORMAT = "medray-bundle/1"
 WEIGHTS = "model.pt"

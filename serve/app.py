@@ -35,7 +35,7 @@ from ray import serve
 
 from medray.bundle import META
 from medray.errors import MedrayError
-from medray.tasks import SERVED_TASKS
+from medray.tasks import SERVED_TASKS, TASKS  # TASKS: the classifiers, what an ingress can also hold
 from serve.deployments import GeneratorServer, ModelServer, ModelUnavailable  # noqa: F401 - re-exported
 from serve.gateway import (  # noqa: F401 - re-exported: the names this module had before the split
     BATCH_HEADER,
@@ -55,7 +55,6 @@ from serve.v1 import V1Routes
 
 MODEL_TASKS = SERVED_TASKS
 APP_ARGS = ("bundles", "limits", "auth", "cors_origins", "audit_log", "metrics", "local_models")
-LOCAL_TASKS = ("exercise", "genomic", "ultrasound")  # the tasks an ingress can also hold (not the GAN)
 
 
 for _router in (gateway.router, v1.router, v2.router):  # /healthz /readyz /metrics, then /v1, then /v2
@@ -92,7 +91,7 @@ def build_app(args: dict):
       limits: {max_body_bytes, max_instances, max_sequence_length, max_image_pixels}   (optional)
       auth: {tokens_file: PATH} | {enabled: false}   bearer tokens (on by default; serve/security.py)
       cors_origins: [ORIGIN, …]                   browser origins allowed to call (default: none)
-      audit_log: PATH                             audit lines (default: the ingress replica's stderr)
+      audit_log: PATH                             audit lines (default: the ingress replica's log)
       metrics: {public: false}                    GET /metrics without a token when public is true
       local_models: [exercise, genomic, …]        models also loaded in the ingress, answering there
                                                   while idle (no hop); [] = always through their replicas
@@ -115,8 +114,8 @@ def build(args: dict | None = None, deployment_options: dict[str, dict] | None =
     if unknown:
         raise ValueError(f"unknown application arg(s) {sorted(unknown)} (known: {', '.join(APP_ARGS)})")
     local = args.get("local_models") or []
-    if not isinstance(local, list) or set(local) - set(LOCAL_TASKS):
-        raise ValueError(f"args.local_models: expected a list of {', '.join(LOCAL_TASKS)}, got {local!r}")
+    if not isinstance(local, list) or set(local) - set(TASKS):
+        raise ValueError(f"args.local_models: expected a list of the classifiers {', '.join(TASKS)}, got {local!r}")
     Limits.from_dict(args.get("limits"))  # fail at build time, not in the replica
     metrics = dict(args.get("metrics") or {})
     if set(metrics) - {"public"} or not isinstance(metrics.get("public", False), bool):
