@@ -70,8 +70,9 @@ def port_holder(port: int) -> str | None:
 def check_port(host: str, port: int) -> None:
     """Fail at once, naming who holds it, when `port` cannot be listened on (before Ray starts:
     Serve would otherwise bind the next free port of its range, or wait and time out). Bound with
-    SO_REUSEADDR, as Serve's HTTP server binds; connections in TIME_WAIT that still refuse the bind
-    (those an earlier server closed itself, for up to a minute after it stopped) are waited for."""
+    SO_REUSEADDR; Serve's direct-ingress socket sets no SO_REUSEADDR (Ray 2.58,
+    `http_util.start_asgi_http_server`), so connections in TIME_WAIT that an earlier server closed
+    itself refuse its bind for up to a minute after that server stopped: they are waited for."""
     deadline, said = time.time() + TIME_WAIT_MAX_S, False
     while True:
         with socket.socket() as s:
