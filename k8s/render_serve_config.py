@@ -12,7 +12,9 @@ serve/config.yaml is the Serve application config (`serve build` format) that `s
 * `args.auth.tokens_file`: `/etc/medray/tokens`, where the pods mount the Secret `medray-tokens`
   (authentication stays on; the tokens never appear in a manifest);
 * prod only: each model deployment's replica takes `PROD_GPUS_PER_MODEL_REPLICA` GPUs
-  (`ray_actor_options.num_gpus`); the ingress stays on CPU and holds no model copies (`local_models: []`).
+  (`ray_actor_options.num_gpus`); the ingress stays on CPU and holds no model copies (`local_models: []`),
+  so each model keeps at least one replica up (`min_replicas: 1` where serve/config.yaml starts it at
+  zero behind the ingress's copy).
 
 Everything else (limits, autoscaling, batching, queue bounds, logging) is copied as it is.
 
@@ -86,6 +88,13 @@ def k8s_serve_config(config: dict, gpus_per_model_replica: float | None = None) 
                 raise ValueError(f"serve config: no deployments entry for model(s) {missing}")
             for task in bundles:
                 deployments[task].setdefault("ray_actor_options", {})["num_gpus"] = gpus_per_model_replica
+                # with no copy in the ingress, a model's replicas answer every request: at least one
+                # is always up (serve/config.yaml starts the ingress's local models at zero)
+                scaling = deployments[task].get("autoscaling_config")
+                if scaling and not scaling.get("min_replicas"):
+                    scaling["min_replicas"] = 1
+                    scaling.pop("initial_replicas", None)
+                    scaling.pop("downscale_to_zero_delay_s", None)
             # the models run on the GPU replicas only: a CPU copy in the ingress (local_models) would
             # take batches off them whenever it is idle, at CPU speed
             args["local_models"] = []

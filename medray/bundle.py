@@ -30,9 +30,7 @@ from medray.models import build_model, fuse_for_inference
 from medray.preprocessing import preprocessor_from_dict
 from medray.tasks import TASKS
 
-FORMAT = "medray-bundle/1"
-WEIGHTS = "model.pt"
-META = "bundle.json"
+from medray.bundle_meta import FORMAT, META, WEIGHTS, read_meta  # noqa: F401 - META: re-exported
 
 
 def _sha256(data: bytes) -> str:
@@ -169,17 +167,7 @@ class Bundle:
 
 def load_bundle(path: str | os.PathLike) -> Bundle:
     path = Path(path)
-    if not (path / META).is_file():
-        raise BundleError(f"{path}: not a model bundle (no {META})")
-    try:
-        meta = json.loads((path / META).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path / META}: corrupt JSON: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise BundleError(f"{path}: unsupported bundle format {meta.get('format')!r} (expected {FORMAT})")
-    for key in ("task", "model", "preprocessing", "labels", "input_shape", "weights"):
-        if key not in meta:
-            raise BundleError(f"{path / META}: missing {key!r}")
+    meta = read_meta(path)
     try:
         weights = (path / meta["weights"]["file"]).read_bytes()
     except OSError as e:

@@ -26,14 +26,13 @@ Entry points: `serve run serve/config.yaml` / `serve deploy serve/config.yaml` (
 the same application with the deployment settings of `serve/config.yaml`.
 """
 
-import json
 import time
 from importlib import resources
 from pathlib import Path
 
 from ray import serve
 
-from medray.bundle import META
+from medray.bundle_meta import read_meta
 from medray.errors import MedrayError
 from medray.tasks import SERVED_TASKS, TASKS  # TASKS: the classifiers, what an ingress can also hold
 from serve.deployments import GeneratorServer, ModelServer, ModelUnavailable  # noqa: F401 - re-exported
@@ -76,12 +75,9 @@ class Gateway(V1Routes, GatewayBase):
 
 
 def bundle_task(path: str) -> str:
-    """The task of a bundle, read from its bundle.json (no weights loaded)."""
-    meta = Path(path) / META
-    try:
-        return json.loads(meta.read_text())["task"]
-    except (OSError, ValueError, KeyError) as e:
-        raise MedrayError(f"{path}: not a readable model bundle ({type(e).__name__}: {e})") from None
+    """The task of a bundle, read from its bundle.json (no weights loaded, no torch imported: the
+    driver that deploys the application never needs it)."""
+    return read_meta(path)["task"]
 
 
 def build_app(args: dict):

@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from ray import serve
 
-from medray.bundle import load_bundle
 from medray.errors import MedrayError
 from serve import metrics
 
@@ -158,6 +157,8 @@ def load_for_serving(path: str, task: str | None):
     """(bundle, None), or (None, why) when it cannot serve `task`: the replica stays alive so
     /readyz can say which model failed and why, while the other models keep serving."""
     import torch
+
+    from medray.bundle import load_bundle  # here: serve.app's importers (the deploying driver) need no torch
 
     try:
         bundle = load_bundle(path)

@@ -307,19 +307,44 @@ class GatewayBase:
         self._info: dict[str, dict] = {}
         # {task: LoadedModel}: light models this replica also holds (serve/config.yaml `local_models`)
         self.local = {task: LoadedModel(path, task) for task, path in (local_models or {}).items()}
+        self._woken: set[str] = set()  # local models whose deployment has been asked to start (`_wake`)
+        self._wake_tasks: list[asyncio.Task] = []
 
     # ---- model metadata (fetched from the replicas, so it is what they actually loaded)
 
     async def model_info(self, task: str, timeout_s: float = 10.0) -> dict:
+        """What the model loaded: this replica's own copy when it holds one (so the ingress is
+        ready without waiting for the model's deployment), else the deployment's replicas'."""
         if task in self._info:
             return self._info[task]
-        try:
-            info = await asyncio.wait_for(self.models[task].info.remote(), timeout_s)
-        except (asyncio.TimeoutError, Exception) as e:  # deployment still starting or gone
-            return {"ready": False, "error": f"model deployment not reachable: {type(e).__name__}: {e}"[:500]}
+        if task in self.local:
+            info = self.local[task].info()
+            self._wake(task)
+        else:
+            try:
+                info = await asyncio.wait_for(self.models[task].info.remote(), timeout_s)
+            except (asyncio.TimeoutError, Exception) as e:  # deployment still starting or gone
+                return {"ready": False, "error": f"model deployment not reachable: {type(e).__name__}: {e}"[:500]}
         if info.get("ready"):
             self._info[task] = info
         return info
+
+    def _wake(self, task: str) -> None:
+        """Ask a local model's deployment for its info once, in the background. Its replicas may
+        start at zero (serve/config.yaml: they start after the ingress, not beside it, which makes
+        a 2-core machine ready ~5 s sooner); a request to a deployment with no replica makes Serve
+        start one at once, so they are up a few seconds after the ingress answers its first probe."""
+        if task in self._woken:
+            return
+        self._woken.add(task)
+
+        async def ask():
+            try:
+                await self.models[task].info.remote()
+            except Exception as e:  # noqa: BLE001 - only a wake-up: requests report their own errors
+                logger.warning("%s: its deployment did not answer the wake-up call: %s: %s", task, type(e).__name__, e)
+
+        self._wake_tasks.append(asyncio.get_running_loop().create_task(ask()))
 
     async def _ready_model(self, task: str) -> dict:
         if task not in self.models:

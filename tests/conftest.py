@@ -58,7 +58,8 @@ def ray_session():
     # Serve runs as `medray serve` runs it (throughput mode, direct ingress on SERVE_PORT); these
     # settings are read when Ray's processes start, so they are set before the instance starts.
     os.environ.update(throughput_env(SERVE_PORT))
-    ray = ensure_ray()
+    # with the dashboard (off by default locally): the fault tests find replicas through Ray's state API
+    ray = ensure_ray(dashboard=True)
     yield ray
     ray.shutdown()
 

@@ -167,6 +167,26 @@ def test_broken_bundle_is_named_by_readyz_while_the_other_model_serves(served, t
         assert client.get("/healthz").status_code == 200
 
 
+# --------------------------------------------------------------------------- local models start first
+
+
+def test_local_models_are_ready_from_the_ingress_and_their_replicas_start_after_it(served, trained):
+    """serve/config.yaml starts the deployments of the ingress's local models at zero replicas:
+    /readyz answers 200 from the ingress's own copies, and its first readiness probe wakes the
+    deployments, whose replicas then start (they take over when the ingress's copy is busy)."""
+    bundles = {t: str(trained(t)[1]) for t in ("exercise", "genomic")}
+    served.use("local-first", bundles)  # returns at the first /readyz 200
+    at_ready = {t: _running(t)[0] for t in bundles}
+    assert at_ready == {"exercise": 0, "genomic": 0}, f"ready waited for the model replicas: {at_ready}"
+    deadline = time.time() + RECOVERY_TIMEOUT_S
+    while time.time() < deadline and not all(_running(t)[0] >= 1 for t in bundles):
+        time.sleep(0.5)
+    assert {t: _running(t)[0] for t in bundles} == {"exercise": 1, "genomic": 1}, "the ingress did not wake them"
+    with served.client() as client:
+        r = client.post("/v1/genomic/predict", json={"sequences": ["ACGT" * 15]})
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 1, r.text
+
+
 # --------------------------------------------------------------------------- a replica killed under load
 
 

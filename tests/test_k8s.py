@@ -222,6 +222,9 @@ def test_k8s_serve_config_is_serve_config_yaml_with_only_paths_host_tokens_and_g
     assert all(deployments[t]["ray_actor_options"]["num_gpus"] == 0.5 for t in tasks)
     assert deployments["ingress"]["ray_actor_options"].get("num_gpus", 0) == 0
     assert app["args"]["local_models"] == [] and src_app["args"]["local_models"]  # GPU replicas only
+    # ... so no model may wait at zero replicas for its first request (the source starts local ones at 0)
+    assert any(d["autoscaling_config"].get("min_replicas") == 0 for d in src_app["deployments"] if d["name"] in tasks)
+    assert all(deployments[t]["autoscaling_config"]["min_replicas"] >= 1 for t in tasks)
 
     # undo exactly those changes: what is left must be serve/config.yaml, untouched
     undone = copy.deepcopy(k8s)
@@ -232,6 +235,8 @@ def test_k8s_serve_config_is_serve_config_yaml_with_only_paths_host_tokens_and_g
     undone["applications"][0]["args"]["local_models"] = src_app["args"]["local_models"]
     src_deployments = {d["name"]: d for d in src_app["deployments"]}
     for d in undone["applications"][0]["deployments"]:
+        if d["name"] in tasks:
+            d["autoscaling_config"] = src_deployments[d["name"]]["autoscaling_config"]
         options, src_options = d.get("ray_actor_options", {}), src_deployments[d["name"]].get("ray_actor_options", {})
         if "num_gpus" in src_options:
             options["num_gpus"] = src_options["num_gpus"]
