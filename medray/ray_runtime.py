@@ -7,12 +7,12 @@ job would hang waiting for resources. The workers are mostly waiting on each oth
 data, so over-subscribing logical CPUs costs little; torch threads per worker are capped by Ray
 (OMP_NUM_THREADS = the worker's CPUs).
 
-The local instance starts without Ray's dashboard unless MEDRAY_RAY_DASHBOARD=1: on a 2-core
-machine the dashboard's head process takes ray.init from ~4.5 s to ~11 s (and `medray serve`'s
-start-up with it), and it polls in the background while training. Nothing medray runs locally
-needs it: Train, Data and Serve work without it, and each node's metrics agent (what `/metrics`
-reads) still starts. Jobs submitted to a cluster (`medray submit`) and Ray's state API need a
-dashboard, and a cluster started with `ray start` has one.
+`medray serve`'s local instance starts without Ray's dashboard: on a 2-core machine the
+dashboard's head process takes ray.init from ~4.5 s to ~11 s, a third of the start-up. Serve does
+not need it, and each node's metrics agent (what `/metrics` reads) still starts. Training keeps it:
+Ray Train polls Ray's state API, which the dashboard serves, and warns with a stack trace on every
+poll without it. MEDRAY_RAY_DASHBOARD=1 or 0 overrides both. A cluster started with `ray start`
+has a dashboard of its own (jobs submitted with `medray submit` go through it).
 """
 
 from __future__ import annotations
@@ -28,14 +28,15 @@ def local_num_cpus() -> int:
     return max(LOCAL_MIN_CPUS, 2 * (os.cpu_count() or 1))
 
 
-def local_dashboard() -> bool:
-    """Whether a local instance starts Ray's dashboard (MEDRAY_RAY_DASHBOARD=1; off by default)."""
-    return os.environ.get("MEDRAY_RAY_DASHBOARD", "0").strip().lower() in ("1", "true", "yes")
+def local_dashboard(default: bool) -> bool:
+    """Whether a local instance starts Ray's dashboard: MEDRAY_RAY_DASHBOARD (1/0) when set, else `default`."""
+    value = os.environ.get("MEDRAY_RAY_DASHBOARD", "").strip().lower()
+    return default if not value else value in ("1", "true", "yes")
 
 
 def ensure_ray(address: str | None = None, quiet: bool = True, dashboard: bool | None = None):
     """Initialise Ray once: `address` (or RAY_ADDRESS) joins a cluster; otherwise local, with Ray's
-    dashboard if `dashboard` (default: `local_dashboard()`)."""
+    dashboard if `dashboard` (default: `local_dashboard(True)`)."""
     import ray
 
     if ray.is_initialized():
@@ -58,7 +59,7 @@ def ensure_ray(address: str | None = None, quiet: bool = True, dashboard: bool |
     else:
         # "local": a new instance even when `ray start` left a cluster (or its address file) here
         ray.init(address="local", num_cpus=local_num_cpus(),
-                 include_dashboard=local_dashboard() if dashboard is None else dashboard, **kwargs)
+                 include_dashboard=local_dashboard(True) if dashboard is None else dashboard, **kwargs)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

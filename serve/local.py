@@ -159,9 +159,9 @@ def start(bundles: dict[str, str], host: str = "127.0.0.1", port: int = 8000, ad
             raise MedrayError(f"Ray here was started for port {first} (RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT); "
                               f"serve on that port or start a new process")
         proxy_port = _free_port(host)  # Serve's proxy is only a fallback path with direct ingress
-    from medray.ray_runtime import ensure_ray
+    from medray.ray_runtime import ensure_ray, local_dashboard
 
-    ensure_ray(address)
+    ensure_ray(address, dashboard=local_dashboard(False))  # no dashboard: a third of the start-up
     if stop_signals is not None:  # after ray.init: Ray's core worker installs handlers that abort
         stop_signals.install()
         print(f"[medray] Ray is up; starting Serve and loading {', '.join(bundles)}…", file=sys.stderr)
