@@ -35,19 +35,19 @@ from medray.bundle import META, load_bundle  # noqa: E402
 from serve.inputs import (  # noqa: E402
     Limits,
     RequestError,
-    _instances,  # the key/list/count checks that parse_features/parse_sequences/images_from_json start with
     decode_images,
     feature_rows,
     image_list,
+    instance_list,  # the key/list/count checks that parse_features/parse_sequences/images_from_json start with
     prediction_objects,
     sequence_list,
 )
 
 # parse_features / parse_sequences / images_from_json after their JSON parse, which LitServe does
 PARSERS = {
-    "exercise": lambda doc, b, lim: feature_rows(_instances(doc, "instances", lim), b.preprocessor.feature_names),
-    "genomic": lambda doc, b, lim: sequence_list(_instances(doc, "sequences", lim), lim),
-    "ultrasound": lambda doc, b, lim: decode_images(image_list(_instances(doc, "images", lim)),
+    "exercise": lambda doc, b, lim: feature_rows(instance_list(doc, "instances", lim), b.preprocessor.feature_names),
+    "genomic": lambda doc, b, lim: sequence_list(instance_list(doc, "sequences", lim), lim),
+    "ultrasound": lambda doc, b, lim: decode_images(image_list(instance_list(doc, "images", lim)),
                                                     b.preprocessor.size, lim),
 }
 

@@ -24,23 +24,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from serve.local import free_port  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 TOKEN = "serve-cycles-benchmark-token-" + "x" * 12
 CRASH = ("*** SIGTERM received", "Aborted", "Traceback")
-
-
-def free_port(span: int = 17) -> int:
-    """A port with the `span` ports after it free too (Serve's direct-ingress range)."""
-    for base in range(18000, 60000, 97):
-        ok = True
-        for p in range(base, base + span):
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", p)) == 0:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no free port range")
 
 
 def request(base: str, path: str, body: dict | None = None) -> int | None:
@@ -116,7 +105,7 @@ def main() -> None:
     root = Path(a.bundles)
     bundles = [str(root)] if (root / "bundle.json").exists() else \
         sorted(str(d) for d in root.iterdir() if (d / "bundle.json").exists())
-    port = a.port or free_port()
+    port = a.port or free_port(span=17)  # Serve's direct-ingress range
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve-cycles-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     (work / "tokens").write_text(TOKEN + "\n")

@@ -30,7 +30,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from medray.bundle import load_bundle  # noqa: E402
+from serve.local import free_port  # noqa: E402
 
 TASKS = ("exercise", "ultrasound", "genomic")
 SHARED = ROOT.parent / "shared" / "data"
@@ -180,12 +180,6 @@ def check_ok(url: str, body: bytes, ctype: str) -> dict:
         return json.loads(r.read())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_peer(name: str, bundle_dirs: list[str]) -> tuple[subprocess.Popen, str]:
     """A peer server in its own process group (LitServe starts worker processes), once /healthz answers."""
     port = free_port()
@@ -306,7 +300,7 @@ def main() -> None:
 
             tokens = tmp / "tokens"
             tokens.write_text(TOKEN + "\n")
-            servers["serve"] = start(bundle_dirs, port=free_port(), throughput_optimized=not a.no_throughput_optimized,
+            servers["serve"] = start(bundle_dirs, port=free_port(span=17), throughput_optimized=not a.no_throughput_optimized,
                                      tokens_file=str(tokens), audit_log=str(tmp / "audit.jsonl"),
                                      no_auth=a.no_auth)
         for t in a.tasks:

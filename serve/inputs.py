@@ -90,7 +90,9 @@ def parse_json(body: bytes) -> object:
         raise RequestError(400, "invalid_json", f"request body is not valid JSON: {error}") from None
 
 
-def _instances(doc: object, key: str, limits: Limits) -> list:
+def instance_list(doc: object, key: str, limits: Limits) -> list:
+    """`doc[key]` of a parsed JSON body: a non-empty list within `max_instances`, else the 4xx
+    naming what is wrong. The first step of every JSON body's parsing (features, sequences, images)."""
     if not isinstance(doc, dict):
         raise invalid(f"expected a JSON object with {key!r}, got {type(doc).__name__}")
     if key not in doc:
@@ -115,7 +117,7 @@ def check_count(n: int, what: str, limits: Limits) -> None:
 
 def parse_features(body: bytes, feature_names: list[str], limits: Limits) -> np.ndarray:
     """`{"instances": [[f1, f2, …], …]}` or `[{name: value, …}, …]` → float32 (n, features)."""
-    rows = _instances(parse_json(body), "instances", limits)
+    rows = instance_list(parse_json(body), "instances", limits)
     if all(isinstance(r, dict) for r in rows):
         rows = [_row_from_object(r, i, feature_names) for i, r in enumerate(rows)]
     return feature_rows(rows, feature_names, may_have_bools=b"true" in body or b"false" in body)
@@ -213,7 +215,7 @@ def parse_sequences(body: bytes, content_type: str, limits: Limits) -> tuple[lis
         check_count(len(seqs), "sequences", limits)
         _check_lengths(ids, seqs, limits)
         return ids, seqs
-    seqs = sequence_list(_instances(parse_json(body), "sequences", limits), limits)
+    seqs = sequence_list(instance_list(parse_json(body), "sequences", limits), limits)
     return [str(i) for i in range(len(seqs))], seqs
 
 
@@ -250,7 +252,7 @@ def _check_lengths(ids: list[str], seqs: list[str], limits: Limits) -> None:
 
 def images_from_json(body: bytes, limits: Limits) -> list[tuple[str, bytes]]:
     """`{"images": ["<base64>", …]}` → [(name, bytes)]."""
-    return image_list(_instances(parse_json(body), "images", limits))
+    return image_list(instance_list(parse_json(body), "images", limits))
 
 
 def image_list(items: list) -> list[tuple[str, bytes]]:

@@ -105,10 +105,26 @@ def _closing_connections(port: int) -> bool:
     return any(state == "06" for state, _ in _tcp_sockets(port))
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_port(host: str = "127.0.0.1", span: int = 1) -> int:
+    """A port P on `host` with P..P+span-1 free now (span 17: a direct-ingress range), drawn from
+    20000-29999: outside Linux's ephemeral range (32768-60999), where any outgoing connection made
+    later (Ray's gRPC, a load test) may take a port picked now, and outside Ray's worker ports
+    (10002-19999). Once seen in CI: the serving tests' port, picked from the ephemeral range, was
+    held by a client socket 15 minutes later, and Serve's ingress moved to the next port of its
+    range. Used by `medray serve` (its fallback proxy's port), the tests and the benchmarks."""
+    import random
+
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 30000 - span)
+        try:
+            for p in range(port, port + span):
+                with socket.socket() as s:
+                    s.bind((host, p))
+        except OSError:
+            continue
+        return port
+    raise MedrayError(f"no {span} free consecutive port(s) in 20000-29999 on {host}")
 
 
 def bundles_by_task(bundle_dirs: list[str]) -> dict[str, str]:
@@ -158,7 +174,7 @@ def start(bundles: dict[str, str], host: str = "127.0.0.1", port: int = 8000, ad
         if first != port:
             raise MedrayError(f"Ray here was started for port {first} (RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT); "
                               f"serve on that port or start a new process")
-        proxy_port = _free_port(host)  # Serve's proxy is only a fallback path with direct ingress
+        proxy_port = free_port(host)  # Serve's proxy is only a fallback path with direct ingress
     from medray.ray_runtime import ensure_ray, local_dashboard
 
     ensure_ray(address, dashboard=local_dashboard(False))  # no dashboard: a third of the start-up

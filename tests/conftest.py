@@ -9,26 +9,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-def free_port(span: int = 1) -> int:
-    """A port P on 127.0.0.1 with P..P+span-1 free now, drawn from 20000-29999: outside Linux's
-    ephemeral range (32768-60999), where any outgoing connection made later in the session (Ray's
-    gRPC, a load test) may take a port picked now, and outside Ray's worker ports (10002-19999).
-    Once seen in CI: the serving tests' port, picked from the ephemeral range at import, was held by
-    a client socket 15 minutes later, and Serve's ingress moved to the next port of its range."""
-    import random
+from serve.local import free_port  # noqa: F401 - the tests' ports (imported from here by test modules)
 
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, 30000 - span)
-        try:
-            for p in range(port, port + span):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port range in 20000-29999 on 127.0.0.1")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 SERVE_PORT = free_port(span=17)  # the port the serving tests' application listens on (127.0.0.1)
