@@ -307,8 +307,7 @@ class GatewayBase:
         self._info: dict[str, dict] = {}
         # {task: LoadedModel}: light models this replica also holds (serve/config.yaml `local_models`)
         self.local = {task: LoadedModel(path, task) for task, path in (local_models or {}).items()}
-        self._woken: set[str] = set()  # local models whose deployment has been asked to start (`_wake`)
-        self._wake_tasks: list[asyncio.Task] = []
+        self._woken: dict[str, asyncio.Task] = {}  # local model -> its deployment's wake-up call (`_wake`)
 
     # ---- model metadata (fetched from the replicas, so it is what they actually loaded)
 
@@ -336,7 +335,6 @@ class GatewayBase:
         start one at once, so they are up a few seconds after the ingress answers its first probe."""
         if task in self._woken:
             return
-        self._woken.add(task)
 
         async def ask():
             try:
@@ -344,7 +342,7 @@ class GatewayBase:
             except Exception as e:  # noqa: BLE001 - only a wake-up: requests report their own errors
                 logger.warning("%s: its deployment did not answer the wake-up call: %s: %s", task, type(e).__name__, e)
 
-        self._wake_tasks.append(asyncio.get_running_loop().create_task(ask()))
+        self._woken[task] = asyncio.get_running_loop().create_task(ask())
 
     async def _ready_model(self, task: str) -> dict:
         if task not in self.models:
