@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from serve.local import free_port  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 TOKEN = "serve-cycles-benchmark-token-" + "x" * 12
 CRASH = ("*** SIGTERM received", "Aborted", "Traceback")
