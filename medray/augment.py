@@ -9,16 +9,31 @@ assumes [0, 1] pixels and clamps to them, which would destroy standardised input
 The torchvision draws come from torch's global generator inside `torch.random.fork_rng`, reseeded
 from `generator` once per batch: the same seed gives the same augmentation, and the training
 loop's own random stream (dropout) is not disturbed.
-Time series (N, F) with a (C, T) layout: `time_shift` (random circular shift, fraction of T),
-`scale` (random per-channel amplitude scaling).
+Time series (N, F) with a (C, T) layout: `rotate` (± degrees: one random 3-D rotation per window,
+applied alike to every consecutive xyz triplet of channels, i.e. the accelerometer and the gyroscope,
+in sensor units: a watch worn at a slightly different angle), `time_shift` (random circular shift,
+fraction of T), `scale` (random per-channel amplitude scaling).
+`mixup` (`mix`, Zhang et al. 2018) blends pairs of examples and their labels; it is a recipe entry
+(`train.mixup: alpha`), applied by the training loop after the augmentations above.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
-def augment_batch(x: torch.Tensor, spec: dict, input_shape, generator: torch.Generator | None = None) -> torch.Tensor:
+def check_spec(spec: dict, input_shape) -> None:
+    """Refuse, before training starts, an augmentation the input cannot take."""
+    if len(input_shape) == 2 and (spec or {}).get("rotate") and input_shape[0] % 3:
+        raise ValueError(f"augment rotate: the series has {input_shape[0]} channels; rotation needs xyz "
+                         f"triplets (accelerometer, gyroscope), a multiple of 3")
+
+
+def augment_batch(x: torch.Tensor, spec: dict, input_shape, generator: torch.Generator | None = None,
+                  stats=None) -> torch.Tensor:
+    """`stats` = (mean, std) per feature, the fitted scaler's: the time-series `rotate` undoes the
+    standardisation, rotates in sensor units and standardises again."""
     if not spec:
         return x
     n = x.shape[0]
@@ -50,6 +65,8 @@ def augment_batch(x: torch.Tensor, spec: dict, input_shape, generator: torch.Gen
         c, t = input_shape
         original = x.shape
         x = x.reshape(n, c, t)
+        if spec.get("rotate"):
+            x = _rotate_triplets(x, float(spec["rotate"]), rand, stats)
         if spec.get("time_shift"):
             m = int(spec["time_shift"] * t)
             shifts = ((rand(n) * (2 * m + 1)).long() - m).tolist()
@@ -57,6 +74,37 @@ def augment_batch(x: torch.Tensor, spec: dict, input_shape, generator: torch.Gen
         if spec.get("scale"):
             x = x * (1 + (rand(n, c, 1) * 2 - 1) * spec["scale"])
         return x.reshape(original)
+    return x
+
+
+def mix(x: torch.Tensor, y: torch.Tensor, alpha: float, generator: torch.Generator | None = None):
+    """Mixup: (x', y, y_partner, lam) with x' = lam·x + (1 − lam)·x[partner], lam ~ Beta(alpha, alpha);
+    the loss is lam·loss(y) + (1 − lam)·loss(y_partner). Seeded from `generator`."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    partner = torch.randperm(len(y), generator=generator).to(x.device)
+    return lam * x + (1 - lam) * x[partner], y, y[partner], lam
+
+
+def _rotate_triplets(x: torch.Tensor, degrees: float, rand, stats) -> torch.Tensor:
+    """x (N, C, T), C a multiple of 3: each window's xyz triplets turned by one random rotation
+    (angles uniform in ± `degrees` about each axis)."""
+    import math
+
+    n, c, t = x.shape
+    check_spec({"rotate": degrees}, (c, t))
+    if stats is not None:
+        mean, std = (torch.as_tensor(v, dtype=x.dtype, device=x.device).reshape(c, t) for v in stats)
+        x = x * std + mean
+    a = (rand(n, 3) * 2 - 1) * math.radians(degrees)
+    cos, sin, one, zero = a.cos(), a.sin(), torch.ones(n, device=x.device), torch.zeros(n, device=x.device)
+    rx = torch.stack([one, zero, zero, zero, cos[:, 0], -sin[:, 0], zero, sin[:, 0], cos[:, 0]], 1).view(n, 3, 3)
+    ry = torch.stack([cos[:, 1], zero, sin[:, 1], zero, one, zero, -sin[:, 1], zero, cos[:, 1]], 1).view(n, 3, 3)
+    rz = torch.stack([cos[:, 2], -sin[:, 2], zero, sin[:, 2], cos[:, 2], zero, zero, zero, one], 1).view(n, 3, 3)
+    r = rx @ ry @ rz
+    x = torch.cat([r @ x[:, i:i + 3] for i in range(0, c, 3)], dim=1)
+    if stats is not None:
+        x = (x - mean) / std
     return x
 
 

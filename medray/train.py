@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medray.augment import augment_batch
+from medray.augment import augment_batch, check_spec, mix
 from medray.bundle import write_bundle
 from medray.calibration import calibrate, scale
 from medray.console import StepTicker, describe_epoch, epoch_done, say
@@ -92,6 +92,8 @@ def train_loop_per_worker(config: dict):
     weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device) if config["class_weights"] else None
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=config["label_smoothing"])
     bs = config["batch_size"]
+    stats = config.get("augment_stats")  # the scaler's mean/std: sensor rotation works in sensor units
+    stats = None if stats is None else [torch.tensor(v, dtype=torch.float32, device=device) for v in stats]
     feed = ShardFeed(ray.train.get_dataset_shard("train"), batch_size=bs, device=device, cache=config["cache"],
                      shuffle=True, seed=config["seed"] * 1000 + rank, input_shape=config["input_shape"])
     val_feed = ShardFeed(ray.train.get_dataset_shard("val"), batch_size=256, device=device, cache=config["cache"],
@@ -108,13 +110,20 @@ def train_loop_per_worker(config: dict):
             tick(steps)
             if first_step_s is None:
                 first_step_s = time.time() - t0
-            x = augment_batch(x, config["augment"], config["input_shape"], gen)
+            x = augment_batch(x, config["augment"], config["input_shape"], gen, stats=stats)
+            y2, lam = y, 1.0
+            if config.get("mixup"):  # blended pairs, the loss blended alike
+                x, y, y2, lam = mix(x, y, config["mixup"], gen)
+
+            def criterion(z):
+                return loss_fn(z, y) if lam == 1.0 else lam * loss_fn(z, y) + (1 - lam) * loss_fn(z, y2)
+
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 if ensemble:  # each member on its own loss: independent models, averaged when predicting
                     logits = model(x, members=True)
-                    loss = torch.stack([loss_fn(z, y) for z in logits]).sum()
+                    loss = torch.stack([criterion(z) for z in logits]).sum()
                 else:
-                    loss = loss_fn(model(x), y)
+                    loss = criterion(model(x))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -295,6 +304,11 @@ def train(
     if len(set(y[tr_idx])) < 2:
         raise DataError(f"{data}: the training split holds a single class; add data or change the split")
     prep = fit_preprocessor(task, source, keys, tr_idx, preset)  # streaming aggregates on the training rows
+    try:
+        check_spec(recipe.get("augment") or {}, prep.input_shape)
+    except ValueError as e:  # e.g. the default's sensor rotation on series that are not xyz triplets
+        recipe["augment"] = {k: v for k, v in recipe["augment"].items() if k != "rotate"}
+        log(f"[medray] {e}: trained without it")
     phases["split_fit_s"] = round(time.time() - t_phase, 2)
     y_tr, y_va = y[tr_idx], y[va_idx]
     counts = np.bincount(y_tr, minlength=len(labels))
@@ -321,7 +335,8 @@ def train(
         "model": arch, "input_shape": prep.input_shape, "n_classes": len(labels), "labels": labels,
         "epochs": recipe["epochs"], "batch_size": recipe["batch_size"], "lr": recipe["lr"],
         "weight_decay": recipe.get("weight_decay", 0.0), "augment": recipe.get("augment") or {},
-        "label_smoothing": recipe.get("label_smoothing", 0.0),
+        "label_smoothing": recipe.get("label_smoothing", 0.0), "mixup": float(recipe.get("mixup", 0.0)),
+        "augment_stats": [prep.mean.tolist(), prep.std.tolist()] if task == "exercise" else None,
         "class_weights": class_weights, "seed": seed, "fingerprint": fingerprint, "steps_per_epoch": steps_per_epoch,
         "cache": fits_in_worker_memory(-(-len(keys) // workers), prep.input_shape),
         "checkpoint_interval_s": checkpoint_interval_s(),
@@ -334,8 +349,8 @@ def train(
     tracker = tracking.start(  # --mlflow: the run, its params and tags (a no-op without)
         mlflow, experiment=mlflow_experiment or task, run_name=name, parent_run_id=mlflow_parent_run, log=log,
         params={"task": task, "model": arch, "optimizer": "AdamW", "workers": workers, "gpu": gpu, "seed": seed,
-                **{k: config[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "augment",
-                                          "class_weights")},
+                **{k: config[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "mixup",
+                                          "augment", "class_weights")},
                 "split": {"val_fraction": None if fold else val_fraction, "group_column": group_column,
                           **({"fold": fold[1], "folds": fold[0]} if fold else {})},
                 "data": {"rows": len(keys), "train_rows": int(len(y_tr)), "val_rows": int(len(y_va))},
@@ -355,7 +370,7 @@ def train(
         "task": task,
         "model": arch,
         "training": {**{k: config[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "augment", "class_weights",
-                                               "label_smoothing")},
+                                               "label_smoothing", "mixup")},
                      "optimizer": "AdamW", "schedule": "cosine per step", "seed": seed, "workers": workers, "gpu": gpu,
                      "epochs_trained": state["epoch"], "run_name": name, "storage_path": storage,
                      "seconds": seconds, "phases": phases},

@@ -158,7 +158,7 @@ def baseline_point(task: str, search: dict) -> dict | None:
     from medray.tasks import load_preset
 
     preset = load_preset(task)
-    implicit = {"ensemble": 1, "train.label_smoothing": 0.0, "train.weight_decay": 0.0}
+    implicit = {"ensemble": 1, "train.label_smoothing": 0.0, "train.mixup": 0.0, "train.weight_decay": 0.0}
     point = {}
     entries = [(k, k, d) for k, d in search["space"].items()]
     entries += [(f"{preset['name']}:{k}", k, d) for k, d in search["per_model"].get(preset["name"], {}).items()]

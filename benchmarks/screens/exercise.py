@@ -1,0 +1,78 @@
+"""Fast screen of exercise training recipes: grouped 5-fold CV in one process (plain PyTorch loop, the
+project's own models, augmentation, metrics and seeded folds from medray.split: the folds of
+`medray cv`, seed 0), so a candidate costs minutes instead of a Ray Train job per fold. A screen, not
+the verdict: a recipe it favours is adopted in medray/presets/ with the figures, and re-measured with
+`medray cv` (benchmarks/model_selection.py). Results append to benchmarks/results/screen_exercise.jsonl.
+
+    .venv/bin/python benchmarks/screens/exercise.py 'run("ex-rot15", members=1, rotate=15)' 1
+"""
+import json, sys, time
+import numpy as np, pandas as pd, torch
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from medray.models import build_model
+from medray.augment import augment_batch
+from medray.metrics import classification_metrics
+from medray.split import split_indices
+torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
+D = str(ROOT.parent / "shared" / "data" / "exercise") + "/"
+df = pd.read_csv(D + "exercise_windows.csv"); meta = pd.read_csv(D + "exercise_windows_meta.csv")
+labels = sorted(df.label.unique()); y_all = np.array([labels.index(v) for v in df.label])
+groups = meta.subject.astype(str).to_numpy()
+XR = df.drop(columns="label").to_numpy(np.float32).reshape(len(df), 6, 100)
+SIGN = torch.tensor([-1, 1, 1, 1, -1, -1], dtype=torch.float32)[None, :, None]
+
+def run(name, params=None, epochs=30, lr=1e-3, wd=1e-4, bs=128, aug=None, ls=0.0, members=3, mirror=0.0,
+        rotate=0.0, inorm=False, folds=range(5), mixup=0.0, tta_mirror=False):
+    params = params or {"channels": [32, 64, 64], "kernel_size": 7, "dropout": 0.3, "pool": 2}
+    aug = {"time_shift": 0.5, "scale": 0.1} if aug is None else aug
+    res = []
+    for f in folds:
+        t0 = time.time()
+        tr, va = split_indices(df.label.to_numpy(), groups, 0.2, 0, fold=(5, f))
+        X = torch.from_numpy(XR.copy())
+        if inorm: X = X - X.mean(-1, keepdim=True)
+        m, s = X[tr].mean((0, 2), keepdim=True), X[tr].std((0, 2), keepdim=True)
+        Y = torch.from_numpy(y_all)
+        probs_sum = 0
+        for mem in range(members):
+            torch.manual_seed(mem); gen = torch.Generator().manual_seed(1000 + mem)
+            net = build_model({"name": "cnn1d", "params": params}, [6, 100], 7)
+            opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=wd)
+            spe = -(-len(tr) // bs); sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * spe)
+            lf = torch.nn.CrossEntropyLoss(label_smoothing=ls)
+            for ep in range(epochs):
+                net.train(); perm = torch.randperm(len(tr), generator=gen)
+                for i in range(spe):
+                    idx = torch.from_numpy(tr)[perm[i * bs:(i + 1) * bs]]
+                    x, yb = X[idx].clone(), Y[idx]
+                    n = len(idx)
+                    if mirror:
+                        flip = (torch.rand(n, generator=gen) < mirror).float()[:, None, None]
+                        x = x * (1 - flip) + x * SIGN * flip
+                    if rotate:  # in sensor units, before standardising (the training loop undoes its scaler)
+                        x = augment_batch(x.reshape(n, -1), {"rotate": rotate}, [6, 100], gen).reshape(n, 6, 100)
+                    x = (x - m) / s
+                    x = augment_batch(x.reshape(n, -1), aug, [6, 100], gen).reshape(n, 6, 100)
+                    if mixup:
+                        lam = float(np.random.default_rng(ep * 1000 + i).beta(mixup, mixup)); p2 = torch.randperm(n, generator=gen)
+                        out = net(lam * x + (1 - lam) * x[p2]); loss = lam * lf(out, yb) + (1 - lam) * lf(out, yb[p2])
+                    else:
+                        loss = lf(net(x), yb)
+                    opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+            net.eval()
+            with torch.no_grad():
+                p = torch.softmax(net((X[va] - m) / s), 1)
+                if tta_mirror: p = (p + torch.softmax(net((X[va] * SIGN - m) / s), 1)) / 2
+            probs_sum = probs_sum + p.numpy()
+        p = probs_sum / members
+        mt = classification_metrics(y_all[va], p, labels)
+        res.append([mt["accuracy"], mt["balanced_accuracy"], mt["ece"], time.time() - t0])
+        print(name, "fold", f, np.round(res[-1], 3), flush=True)
+    r = np.array(res)
+    line = {"name": name, "acc": r[:, 0].mean(), "acc_sd": r[:, 0].std(ddof=1) if len(r) > 1 else 0, "bal": r[:, 1].mean(), "ece": r[:, 2].mean(), "s": r[:, 3].sum(), "folds": r[:, 0].round(3).tolist()}
+    print("RESULT", json.dumps(line), flush=True)
+    with open(str(ROOT / "benchmarks" / "results" / "screen_exercise.jsonl"), "a") as fh: fh.write(json.dumps(line) + "\n")
+
+if __name__ == "__main__":
+    exec(sys.argv[1])
