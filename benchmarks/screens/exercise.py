@@ -6,13 +6,13 @@ the verdict: a recipe it favours is adopted in medray/presets/ with the figures,
 
     .venv/bin/python benchmarks/screens/exercise.py 'run("ex-rot15", members=1, rotate=15)' 1
 """
-import json, sys, time
+import sys, time
 import numpy as np, pandas as pd, torch
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from medray.models import build_model
 from medray.augment import augment_batch
-from medray.metrics import classification_metrics
+from common import fold_figures, summarise
 from medray.split import split_indices
 torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
 D = str(ROOT.parent / "shared" / "data" / "exercise") + "/"
@@ -66,13 +66,9 @@ def run(name, params=None, epochs=30, lr=1e-3, wd=1e-4, bs=128, aug=None, ls=0.0
                 if tta_mirror: p = (p + torch.softmax(net((X[va] * SIGN - m) / s), 1)) / 2
             probs_sum = probs_sum + p.numpy()
         p = probs_sum / members
-        mt = classification_metrics(y_all[va], p, labels)
-        res.append([mt["accuracy"], mt["balanced_accuracy"], mt["ece"], time.time() - t0])
-        print(name, "fold", f, np.round(res[-1], 3), flush=True)
-    r = np.array(res)
-    line = {"name": name, "acc": r[:, 0].mean(), "acc_sd": r[:, 0].std(ddof=1) if len(r) > 1 else 0, "bal": r[:, 1].mean(), "ece": r[:, 2].mean(), "s": r[:, 3].sum(), "folds": r[:, 0].round(3).tolist()}
-    print("RESULT", json.dumps(line), flush=True)
-    with open(str(ROOT / "benchmarks" / "results" / "screen_exercise.jsonl"), "a") as fh: fh.write(json.dumps(line) + "\n")
+        fold_figures(name, f, y_all[va], p, labels, t0, res)
+    summarise("exercise", name, res)
+
 
 if __name__ == "__main__":
     exec(sys.argv[1])

@@ -6,16 +6,15 @@ the verdict: a recipe it favours is adopted in medray/presets/ with the figures,
 
     .venv/bin/python benchmarks/screens/ultrasound.py 'run("s64-mixup", size=64, mixup=0.2)'
 """
-import json, sys, time, copy
+import sys, time
 import numpy as np, pandas as pd, torch
 from PIL import Image
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from medray.models import build_model
 from medray.augment import augment_batch
-from medray.metrics import classification_metrics
+from common import fold_figures, summarise
 from medray.split import split_indices
-from medray.calibration import calibrate, scale
 torch.set_num_threads(2)
 D = str(ROOT.parent / "shared" / "data" / "ultrasound") + "/"
 lab = pd.read_csv(D + "labels.csv"); man = pd.read_csv(D + "manifest.csv")
@@ -24,7 +23,7 @@ groups = man.dup_group.astype(str).to_numpy(); conflict = man.label_conflict.to_
 IM = np.stack([np.asarray(Image.open(D + p).convert("L").resize((128, 128))) for p in lab.path]).astype(np.float32) / 255
 
 def run(name, model="convnet", params=None, epochs=40, lr=3e-3, wd=0.01, bs=64, aug=None, ls=0.0, mixup=0.0,
-        ema=0.0, members=1, exclude=False, size=128, folds=range(5), tta=False):
+        members=1, exclude=False, size=128, folds=range(5), tta=False):
     params = params or {"widths": [16, 32, 64, 128], "dropout": 0.3}
     aug = {"hflip": True, "shift": 0.06, "brightness": 0.1} if aug is None else aug
     res = []
@@ -42,7 +41,6 @@ def run(name, model="convnet", params=None, epochs=40, lr=3e-3, wd=0.01, bs=64, 
         for mem in range(members):
             torch.manual_seed(mem); gen = torch.Generator().manual_seed(1000 + mem)
             net = build_model({"name": model, "params": params}, [1, size, size], 3)
-            ema_net = copy.deepcopy(net) if ema else None
             opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=wd)
             spe = -(-len(tr) // bs); sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * spe)
             lf = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=ls)
@@ -57,25 +55,16 @@ def run(name, model="convnet", params=None, epochs=40, lr=3e-3, wd=0.01, bs=64, 
                     else:
                         loss = lf(net(x), yb)
                     opt.zero_grad(); loss.backward(); opt.step(); sched.step()
-                    if ema:
-                        with torch.no_grad():
-                            for pe, pn in zip(ema_net.state_dict().values(), net.state_dict().values()):
-                                if pe.dtype.is_floating_point: pe.mul_(ema).add_(pn, alpha=1 - ema)
-                                else: pe.copy_(pn)
-            ev = ema_net if ema else net
+            ev = net
             ev.eval()
             with torch.no_grad():
                 lg = ev(X[va]);
                 if tta: lg = (lg + ev(X[va].flip(-1))) / 2
             probs_sum = probs_sum + torch.softmax(lg, 1).numpy()
         p = probs_sum / members
-        mt = classification_metrics(y_all[va], p, labels)
-        res.append([mt["accuracy"], mt["balanced_accuracy"], mt["ece"], time.time() - t0])
-        print(name, "fold", f, np.round(res[-1], 3), flush=True)
-    r = np.array(res)
-    line = {"name": name, "acc": r[:, 0].mean(), "acc_sd": r[:, 0].std(ddof=1) if len(r) > 1 else 0, "bal": r[:, 1].mean(), "ece": r[:, 2].mean(), "s": r[:, 3].sum(), "folds": r[:, 0].round(3).tolist()}
-    print("RESULT", json.dumps(line), flush=True)
-    with open(str(ROOT / "benchmarks" / "results" / "screen_ultrasound.jsonl"), "a") as fh: fh.write(json.dumps(line) + "\n")
+        fold_figures(name, f, y_all[va], p, labels, t0, res)
+    summarise("ultrasound", name, res)
+
 
 if __name__ == "__main__":
     exec(sys.argv[1])
