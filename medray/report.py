@@ -150,7 +150,8 @@ def model_card(meta: dict, metrics: dict, *, evaluated_on: str | None = None, pi
     if tr:
         lines.append(f"- **Recipe**: {tr.get('epochs')} epochs, batch {tr.get('batch_size')}, {tr.get('optimizer')} "
                      f"lr {tr.get('lr')}, weight decay {tr.get('weight_decay')}, {tr.get('schedule')}, class weights "
-                     f"{tr.get('class_weights')}, augmentation {tr.get('augment') or 'none'}; {tr.get('workers')} "
+                     f"{tr.get('class_weights')}, augmentation {tr.get('augment') or 'none'}"
+                     f"{', mixup ' + str(tr['mixup']) if tr.get('mixup') else ''}; {tr.get('workers')} "
                      f"Ray Train worker(s) on {'GPU' if tr.get('gpu') else 'CPU'}, {tr.get('seconds')} s")
     source = evaluated_on or "the validation rows above"
     lines += ["", f"## Metrics on {source}", "",
