@@ -36,8 +36,9 @@ CANDIDATES = [
     ("genomic", "cnn_gru", {}),
     ("exercise", "cnn1d", {}),
     ("exercise", "cnn1d", {"train": {"label_smoothing": 0.1}}),
-    ("exercise", "cnn1d", {"ensemble": 3}),
+    ("exercise", "cnn1d", {"ensemble": 1}),
     ("ultrasound", "convnet", {}),
+    ("ultrasound", "convnet", {"ensemble": 3}),
     ("ultrasound", "resnet", {}),
     ("ultrasound", "convnet", {"train": {"augment": {"hflip": True, "shift": 0.06, "brightness": 0.1, "contrast": 0.2,
                                                      "rotate": 10, "crop_scale": [0.7, 1.0]}}}),
@@ -56,6 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", nargs="*", default=list(SOURCES))
     p.add_argument("--models", nargs="*", help="only these models")
     p.add_argument("--match", help="only candidates whose label contains this text")
+    p.add_argument("--only", nargs="*", help="only these exact labels, e.g. 'exercise | cnn1d'")
     p.add_argument("--keep-bundles", metavar="DIR", help="keep every fold's bundle under DIR/<candidate> "
                    "(for post-hoc checks such as test-time augmentation)")
     p.add_argument("--folds", type=int, default=5)
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
         if task not in args.tasks or (args.models and model not in args.models):
             continue
         key = f"{task} | {_label(model, overrides)}"
-        if args.match and args.match not in key:
+        if (args.match and args.match not in key) or (args.only and key not in args.only):
             continue
         data, group = SOURCES[task]
         group = str(DATA / group) if ":" in group else group
