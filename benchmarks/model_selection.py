@@ -38,7 +38,7 @@ CANDIDATES = [
     ("exercise", "cnn1d", {"train": {"label_smoothing": 0.1}}),
     ("exercise", "cnn1d", {"ensemble": 1}),
     ("ultrasound", "convnet", {}),
-    ("ultrasound", "convnet", {"ensemble": 3}),
+    ("ultrasound", "convnet", {"ensemble": 1}),
     ("ultrasound", "resnet", {}),
     ("ultrasound", "convnet", {"train": {"augment": {"hflip": True, "shift": 0.06, "brightness": 0.1, "contrast": 0.2,
                                                      "rotate": 10, "crop_scale": [0.7, 1.0]}}}),
