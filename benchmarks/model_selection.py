@@ -33,6 +33,7 @@ CANDIDATES = [
     ("genomic", "poscnn", {}),
     ("genomic", "poscnn", {"train": {"label_smoothing": 0.1}}),
     ("genomic", "poscnn", {"ensemble": 3}),
+    ("genomic", "poscnn", {"train": {"mixup": 0.2}}),
     ("genomic", "cnn_gru", {}),
     ("exercise", "cnn1d", {}),
     ("exercise", "cnn1d", {"train": {"label_smoothing": 0.1}}),
