@@ -1,14 +1,37 @@
-"""What both recipe screens share: one fold's figures, and the candidate's summary line (printed and
-appended to benchmarks/results/screen_<task>.jsonl)."""
+"""What the recipe screens share: one member's training loop, one fold's figures, and the candidate's
+summary line (printed and appended to benchmarks/results/screen_<task>.jsonl)."""
 import json
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from medray.metrics import classification_metrics
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def fit(net, tr, batch, *, epochs, lr, wd, bs, loss_fn, mixup, gen):
+    """Train one member: AdamW, cosine schedule per step, a seeded shuffle per epoch; `batch(idx)`
+    gives a step's (augmented) inputs and labels; mixup blends pairs and their losses alike."""
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=wd)
+    spe = -(-len(tr) // bs)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * spe)
+    for ep in range(epochs):
+        net.train()
+        perm = torch.randperm(len(tr), generator=gen)
+        for i in range(spe):
+            x, yb = batch(torch.from_numpy(tr)[perm[i * bs:(i + 1) * bs]])
+            if mixup:
+                lam = float(np.random.default_rng(ep * 1000 + i).beta(mixup, mixup))
+                p2 = torch.randperm(len(yb), generator=gen)
+                out = net(lam * x + (1 - lam) * x[p2])
+                loss = lam * loss_fn(out, yb) + (1 - lam) * loss_fn(out, yb[p2])
+            else:
+                loss = loss_fn(net(x), yb)
+            opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+    return net.eval()
 
 
 def fold_figures(name, fold, y, probs, labels, t0, res):

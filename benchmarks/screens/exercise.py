@@ -12,7 +12,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from medray.models import build_model
 from medray.augment import augment_batch
-from common import fold_figures, summarise
+from common import fit, fold_figures, summarise
 from medray.split import split_indices
 torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
 D = str(ROOT.parent / "shared" / "data" / "exercise") + "/"
@@ -38,29 +38,19 @@ def run(name, params=None, epochs=30, lr=1e-3, wd=1e-4, bs=128, aug=None, ls=0.0
         for mem in range(members):
             torch.manual_seed(mem); gen = torch.Generator().manual_seed(1000 + mem)
             net = build_model({"name": "cnn1d", "params": params}, [6, 100], 7)
-            opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=wd)
-            spe = -(-len(tr) // bs); sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * spe)
-            lf = torch.nn.CrossEntropyLoss(label_smoothing=ls)
-            for ep in range(epochs):
-                net.train(); perm = torch.randperm(len(tr), generator=gen)
-                for i in range(spe):
-                    idx = torch.from_numpy(tr)[perm[i * bs:(i + 1) * bs]]
-                    x, yb = X[idx].clone(), Y[idx]
-                    n = len(idx)
-                    if mirror:
-                        flip = (torch.rand(n, generator=gen) < mirror).float()[:, None, None]
-                        x = x * (1 - flip) + x * SIGN * flip
-                    if rotate:  # in sensor units, before standardising (the training loop undoes its scaler)
-                        x = augment_batch(x.reshape(n, -1), {"rotate": rotate}, [6, 100], gen).reshape(n, 6, 100)
-                    x = (x - m) / s
-                    x = augment_batch(x.reshape(n, -1), aug, [6, 100], gen).reshape(n, 6, 100)
-                    if mixup:
-                        lam = float(np.random.default_rng(ep * 1000 + i).beta(mixup, mixup)); p2 = torch.randperm(n, generator=gen)
-                        out = net(lam * x + (1 - lam) * x[p2]); loss = lam * lf(out, yb) + (1 - lam) * lf(out, yb[p2])
-                    else:
-                        loss = lf(net(x), yb)
-                    opt.zero_grad(); loss.backward(); opt.step(); sched.step()
-            net.eval()
+
+            def batch(idx):
+                x, n = X[idx].clone(), len(idx)
+                if mirror:
+                    flip = (torch.rand(n, generator=gen) < mirror).float()[:, None, None]
+                    x = x * (1 - flip) + x * SIGN * flip
+                if rotate:  # in sensor units, before standardising (the training loop undoes its scaler)
+                    x = augment_batch(x.reshape(n, -1), {"rotate": rotate}, [6, 100], gen).reshape(n, 6, 100)
+                x = (x - m) / s
+                return augment_batch(x.reshape(n, -1), aug, [6, 100], gen).reshape(n, 6, 100), Y[idx]
+
+            fit(net, tr, batch, epochs=epochs, lr=lr, wd=wd, bs=bs, loss_fn=torch.nn.CrossEntropyLoss(label_smoothing=ls),
+                mixup=mixup, gen=gen)
             with torch.no_grad():
                 p = torch.softmax(net((X[va] - m) / s), 1)
                 if tta_mirror: p = (p + torch.softmax(net((X[va] * SIGN - m) / s), 1)) / 2

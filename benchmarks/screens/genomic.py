@@ -16,7 +16,7 @@ from medray.data.genomic import read_genomic
 from medray.models import build_model
 from medray.preprocessing import SequenceEncoder
 from medray.split import resolve_groups, split_indices
-from common import fold_figures, summarise
+from common import fit, fold_figures, summarise
 torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
 DS = read_genomic(str(ROOT.parent / "shared" / "data" / "genomic" / "splice.fasta"))
 labels = sorted(set(DS.labels)); y_all = np.array([labels.index(v) for v in DS.labels])
@@ -37,24 +37,15 @@ def run(name, model="poscnn", params=None, epochs=60, lr=2e-3, wd=0.01, bs=64, l
         for mem in range(members):
             torch.manual_seed(mem); gen = torch.Generator().manual_seed(1000 + mem)
             net = build_model({"name": model, "params": params}, list(X.shape[1:]), len(labels))
-            opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=wd)
-            spe = -(-len(tr) // bs); sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * spe)
-            lf = torch.nn.CrossEntropyLoss(label_smoothing=ls)
-            for ep in range(epochs):
-                net.train(); perm = torch.randperm(len(tr), generator=gen)
-                for i in range(spe):
-                    idx = torch.from_numpy(tr)[perm[i * bs:(i + 1) * bs]]
-                    x, yb = X[idx], Y[idx]
-                    if input_dropout:  # whole positions blanked (as if N), a regulariser against one-locus motifs
-                        keep = (torch.rand(len(idx), 1, x.shape[2], generator=gen) >= input_dropout).float()
-                        x = x * keep
-                    if mixup:
-                        lam = float(np.random.default_rng(ep * 1000 + i).beta(mixup, mixup)); p2 = torch.randperm(len(yb), generator=gen)
-                        out = net(lam * x + (1 - lam) * x[p2]); loss = lam * lf(out, yb) + (1 - lam) * lf(out, yb[p2])
-                    else:
-                        loss = lf(net(x), yb)
-                    opt.zero_grad(); loss.backward(); opt.step(); sched.step()
-            net.eval()
+
+            def batch(idx):
+                x = X[idx]
+                if input_dropout:  # whole positions blanked (as if N), a regulariser against one-locus motifs
+                    x = x * (torch.rand(len(idx), 1, x.shape[2], generator=gen) >= input_dropout).float()
+                return x, Y[idx]
+
+            fit(net, tr, batch, epochs=epochs, lr=lr, wd=wd, bs=bs, loss_fn=torch.nn.CrossEntropyLoss(label_smoothing=ls),
+                mixup=mixup, gen=gen)
             with torch.no_grad():
                 probs_sum = probs_sum + torch.softmax(net(X[va]), 1).numpy()
         fold_figures(name, f, y_all[va], probs_sum / members, labels, t0, res)

@@ -13,7 +13,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from medray.models import build_model
 from medray.augment import augment_batch
-from common import fold_figures, summarise
+from common import fit, fold_figures, summarise
 from medray.split import split_indices
 torch.set_num_threads(2)
 D = str(ROOT.parent / "shared" / "data" / "ultrasound") + "/"
@@ -41,22 +41,9 @@ def run(name, model="convnet", params=None, epochs=40, lr=3e-3, wd=0.01, bs=64, 
         for mem in range(members):
             torch.manual_seed(mem); gen = torch.Generator().manual_seed(1000 + mem)
             net = build_model({"name": model, "params": params}, [1, size, size], 3)
-            opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=wd)
-            spe = -(-len(tr) // bs); sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * spe)
-            lf = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=ls)
-            for ep in range(epochs):
-                net.train(); perm = torch.randperm(len(tr), generator=gen)
-                for i in range(spe):
-                    idx = torch.from_numpy(tr)[perm[i * bs:(i + 1) * bs]]
-                    x, yb = augment_batch(X[idx], aug, [1, size, size], gen), Y[idx]
-                    if mixup:
-                        lam = float(np.random.default_rng(ep * 1000 + i).beta(mixup, mixup)); p2 = torch.randperm(len(yb), generator=gen)
-                        out = net(lam * x + (1 - lam) * x[p2]); loss = lam * lf(out, yb) + (1 - lam) * lf(out, yb[p2])
-                    else:
-                        loss = lf(net(x), yb)
-                    opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+            fit(net, tr, lambda idx: (augment_batch(X[idx], aug, [1, size, size], gen), Y[idx]), epochs=epochs, lr=lr,
+                wd=wd, bs=bs, loss_fn=torch.nn.CrossEntropyLoss(weight=w, label_smoothing=ls), mixup=mixup, gen=gen)
             ev = net
-            ev.eval()
             with torch.no_grad():
                 lg = ev(X[va]);
                 if tta: lg = (lg + ev(X[va].flip(-1))) / 2
