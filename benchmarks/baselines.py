@@ -8,7 +8,7 @@ duplicate group / gene locus), so a row here compares fold for fold with the `me
 benchmarks/results/model_selection.md. Probabilities are the estimators' own (uncalibrated), ECE as
 in `medray.metrics` (15 bins).
 
-    .venv/bin/python benchmarks/baselines.py                   # all three tasks, about 3 min
+    .venv/bin/python benchmarks/baselines.py                   # all three tasks, about 8 min
     .venv/bin/python benchmarks/baselines.py --tasks genomic
 
 Writes benchmarks/results/baselines.json and baselines.md.
@@ -47,11 +47,8 @@ def load(task: str):
         from medray.data.genomic import read_genomic
         ds = read_genomic(str(DATA / "genomic/splice.fasta"))
         groups = resolve_groups("id-prefix", ds)
-        lut = np.full(256, 4, dtype=np.int64)
-        for i, c in enumerate(b"ACGT"):
-            lut[c] = i
-        codes = np.stack([lut[np.frombuffer(s.encode(), dtype=np.uint8)] for s in ds.inputs])
-        x = np.eye(5, dtype=np.float32)[codes][:, :, :4].reshape(len(ds), -1)  # N and other IUPAC → zeros
+        from medray.preprocessing import SequenceEncoder  # the models' one-hot (IUPAC codes as base mixtures)
+        x = SequenceEncoder.fit(ds.inputs).transform(ds.inputs).reshape(len(ds), -1)
     names = sorted(set(ds.labels))
     y = np.array([names.index(v) for v in ds.labels])
     return x, names, y, groups
