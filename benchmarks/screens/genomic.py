@@ -16,6 +16,7 @@ from medray.data.genomic import read_genomic
 from medray.models import build_model
 from medray.preprocessing import SequenceEncoder
 from medray.split import resolve_groups, split_indices
+from medray.tasks import load_preset
 from common import fit, fold_figures, summarise
 torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
 DS = read_genomic(str(ROOT.parent / "shared" / "data" / "genomic" / "splice.fasta"))
@@ -23,12 +24,11 @@ labels = sorted(set(DS.labels)); y_all = np.array([labels.index(v) for v in DS.l
 groups = resolve_groups("id-prefix", DS)
 ENC = SequenceEncoder.fit(DS.inputs)
 X = torch.from_numpy(ENC.transform(DS.inputs)); Y = torch.from_numpy(y_all)
-BASE = {"channels": 32, "kernel_size": 7, "pool": 4, "hidden": 64, "dropout": 0.5}
 
 
 def run(name, model="poscnn", params=None, epochs=60, lr=2e-3, wd=0.01, bs=64, ls=0.0, members=1, mixup=0.0,
         input_dropout=0.0, folds=range(5)):
-    params = {**BASE, **(params or {})} if model == "poscnn" else (params or {})
+    params = {**load_preset("genomic", model)["params"], **(params or {})}  # the preset's, overridden
     res = []
     for f in folds:
         t0 = time.time()
