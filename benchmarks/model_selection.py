@@ -30,7 +30,14 @@ SOURCES = {
     "genomic": ("genomic/splice.fasta", "id-prefix"),
 }
 CANDIDATES = [
-    ("genomic", "poscnn", {}),
+    ("genomic", "poscnn", {}),  # batch 8 per worker since 2026-12-06 (was 64)
+    # the batch size per worker (2 workers): 64 was the default before 2026-12-06
+    ("genomic", "poscnn", {"train": {"batch_size": 64}}),
+    ("genomic", "poscnn", {"train": {"batch_size": 32}}),
+    ("genomic", "poscnn", {"train": {"batch_size": 16}}),
+    ("genomic", "poscnn", {"train": {"batch_size": 16, "lr": 0.001}}),
+    ("genomic", "poscnn", {"train": {"batch_size": 32, "mixup": 0.2}}),
+    ("genomic", "poscnn", {"train": {"batch_size": 32}, "ensemble": 3}),
     ("genomic", "poscnn", {"train": {"label_smoothing": 0.1}}),
     ("genomic", "poscnn", {"ensemble": 3}),
     ("genomic", "poscnn", {"train": {"mixup": 0.2}}),
@@ -38,8 +45,11 @@ CANDIDATES = [
     ("exercise", "cnn1d", {}),
     ("exercise", "cnn1d", {"train": {"label_smoothing": 0.1}}),
     ("exercise", "cnn1d", {"ensemble": 1}),
+    ("exercise", "cnn1d", {"train": {"batch_size": 64}}),  # the default before 2026-12-06 (now 16)
+    ("exercise", "cnn1d", {"train": {"batch_size": 32}}),
     ("ultrasound", "convnet", {}),
     ("ultrasound", "convnet", {"ensemble": 1}),
+    ("ultrasound", "convnet", {"train": {"batch_size": 16}}),
     ("ultrasound", "resnet", {}),
     ("ultrasound", "convnet", {"train": {"augment": {"hflip": True, "shift": 0.06, "brightness": 0.1, "contrast": 0.2,
                                                      "rotate": 10, "crop_scale": [0.7, 1.0]}}}),

@@ -112,7 +112,7 @@ def run_plain(task, data, group, epochs, workdir) -> dict:
     """The loop a user writes without Ray: read everything in-process, then train on arrays."""
     import torch
 
-    from medray.augment import augment_batch
+    from medray.augment import augment_batch, mix
     from medray.models import build_model
     from medray.split import resolve_groups, split_indices
     from medray.tasks import encode_labels, load_preset, read_training_data
@@ -139,7 +139,11 @@ def run_plain(task, data, group, epochs, workdir) -> dict:
     y_tr, y_va = torch.from_numpy(y[tr]), torch.from_numpy(y[va])
     del ds, train_ds
     torch.manual_seed(0)
-    model = build_model({"name": preset["name"], "params": preset.get("params", {})}, prep.input_shape, len(labels))
+    arch = {"name": preset["name"], "params": preset.get("params", {})}
+    members = int(preset.get("ensemble", 1))
+    if members > 1:  # the same model medray trains: N members side by side, one loss each
+        arch = {"name": "ensemble", "params": {"members": members, "member": arch}}
+    model = build_model(arch, prep.input_shape, len(labels))
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe.get("weight_decay", 0.0))
     bs = recipe["batch_size"]
     steps = epochs * -(-len(y_tr) // bs)
@@ -154,7 +158,11 @@ def run_plain(task, data, group, epochs, workdir) -> dict:
         for k, lo in enumerate(range(0, len(y_tr), bs)):
             idx = order[lo: lo + bs]
             xb = augment_batch(x_tr[idx], recipe.get("augment") or {}, prep.input_shape, gen)
-            loss = loss_fn(model(xb), y_tr[idx])
+            yb, y2, lam = y_tr[idx], y_tr[idx], 1.0
+            if recipe.get("mixup"):  # as medray's training step does
+                xb, yb, y2, lam = mix(xb, yb, recipe["mixup"], gen)
+            logits = model(xb, members=True) if members > 1 else model(xb)[None]
+            loss = torch.stack([lam * loss_fn(z, yb) + (1 - lam) * loss_fn(z, y2) for z in logits]).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

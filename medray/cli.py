@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="generate synthetic data for all tasks, train, evaluate, summarise")
     d.add_argument("--workdir", default=".medray-demo")
     d.add_argument("--workers", type=int, default=2)
-    d.add_argument("--quick", action="store_true", help="smaller data (for tests)")
+    d.add_argument("--quick", action="store_true", help="smaller data, one ultrasound model (for tests)")
     _verbose_argument(d)
     d.set_defaults(func=_demo)
     return p

@@ -58,23 +58,23 @@ def test_cv_trains_one_job_per_fold_and_summarises(ray_session, tmp_path, capsys
     from medray.cli import main
 
     data = str(shared("genomic", "splice.fasta"))
-    args = ["cv", "genomic", "--data", data, "--group-column", "id-prefix", "--folds", "3", "--epochs", "2",
+    args = ["cv", "genomic", "--data", data, "--group-column", "id-prefix", "--folds", "2", "--epochs", "2",
             "--storage", str(tmp_path / "runs"), "--out", str(tmp_path / "cv")]
     assert main(args) == 0
     printed = capsys.readouterr().out
     result = json.loads((tmp_path / "cv" / "cv.json").read_text())
     folds = result["per_fold"]
-    assert [f["fold"] for f in folds] == [0, 1, 2]
+    assert [f["fold"] for f in folds] == [0, 1]
     assert sum(f["val_rows"] for f in folds) == 2231  # every sequence validated exactly once
     for m in ("accuracy", "balanced_accuracy", "macro_f1", "ece"):
         values = [f[m] for f in folds]
         assert result["summary"][m]["mean"] == pytest.approx(np.mean(values), abs=1e-4)
         assert result["summary"][m]["sd"] == pytest.approx(np.std(values, ddof=1), abs=1e-4)
         assert f"{m:<20}{result['summary'][m]['mean']:>10.3f} ± " in printed
-    for i in range(3):  # each fold is a bundle of its own, calibrated on its own validation rows
+    for i in range(2):  # each fold is a bundle of its own, calibrated on its own validation rows
         meta = load_bundle(tmp_path / "cv" / f"seed0-fold{i}").meta
         assert meta["data"]["split"] == {"val_fraction": None, "group_column": "id-prefix", "seed": 0,
-                                         "fold": i, "folds": 3}
+                                         "fold": i, "folds": 2}
         assert meta["calibration"]["n"] == folds[i]["val_rows"]
     # the same command again finds every fold trained: same figures, no epoch trained again
     assert main(args) == 0

@@ -17,6 +17,9 @@ def test_demo_quick_trains_and_evaluates_all_three(ray_session, tmp_path):
         bundle = load_bundle(tmp_path / "bundles" / r["task"])
         assert bundle.meta["training"]["workers"] == 2
         assert r["test_n"] > 0
+    # the exercise default is an ensemble of 3, trained as one Ray Train job; quick mode trains one ultrasound model
+    assert load_bundle(tmp_path / "bundles" / "exercise").meta["model"]["params"]["members"] == 3
+    assert load_bundle(tmp_path / "bundles" / "ultrasound").meta["model"]["name"] != "ensemble"
     gan = load_bundle(tmp_path / "bundles" / "genomic-gan")
     assert gan.task == "genomic-gan" and gan.labels == ["EI", "IE", "N"]
     # files written in the formats users bring
