@@ -32,6 +32,7 @@ SOURCES = {
 CANDIDATES = [
     ("genomic", "poscnn", {}),  # batch 8 per worker since 2026-12-06 (was 64)
     # the batch size per worker (2 workers): 64 was the default before 2026-12-06
+    ("genomic", "poscnn", {"train": {"batch_size": 4}}),
     ("genomic", "poscnn", {"train": {"batch_size": 64}}),
     ("genomic", "poscnn", {"train": {"batch_size": 32}}),
     ("genomic", "poscnn", {"train": {"batch_size": 16}}),
