@@ -113,7 +113,7 @@ def run_plain(task, data, group, epochs, workdir) -> dict:
     import torch
 
     from medray.augment import augment_batch, mix
-    from medray.models import build_model
+    from medray.models import build_model, preset_arch
     from medray.split import resolve_groups, split_indices
     from medray.tasks import encode_labels, load_preset, read_training_data
 
@@ -139,11 +139,8 @@ def run_plain(task, data, group, epochs, workdir) -> dict:
     y_tr, y_va = torch.from_numpy(y[tr]), torch.from_numpy(y[va])
     del ds, train_ds
     torch.manual_seed(0)
-    arch = {"name": preset["name"], "params": preset.get("params", {})}
-    members = int(preset.get("ensemble", 1))
-    if members > 1:  # the same model medray trains: N members side by side, one loss each
-        arch = {"name": "ensemble", "params": {"members": members, "member": arch}}
-    model = build_model(arch, prep.input_shape, len(labels))
+    model = build_model(preset_arch(preset), prep.input_shape, len(labels))  # the model medray trains
+    members = int(preset.get("ensemble", 1))  # an ensemble's members train side by side, one loss each
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe.get("weight_decay", 0.0))
     bs = recipe["batch_size"]
     steps = epochs * -(-len(y_tr) // bs)

@@ -302,6 +302,15 @@ MODELS = {
 }
 
 
+def preset_arch(preset: dict) -> dict:
+    """The architecture a preset entry names (`medray.tasks.load_preset`): {"name", "params"}, wrapped
+    as an ensemble of N members when it sets `ensemble: N`."""
+    arch = {"name": preset["name"], "params": preset.get("params", {})}
+    if int(preset.get("ensemble", 1)) > 1:  # N members of the architecture, one model in the bundle
+        arch = {"name": "ensemble", "params": {"members": int(preset["ensemble"]), "member": arch}}
+    return arch
+
+
 def describe(arch: dict) -> str:
     """A model's short name: `cnn1d`, or `cnn1d×3` for an ensemble of three."""
     if arch["name"] == "ensemble":

@@ -27,7 +27,7 @@ from medray.data import pipeline
 from medray.data.dataset import skipped_summary, skipped_warning
 from medray.errors import DataError, MedrayError
 from medray.metrics import classification_metrics
-from medray.models import Ensemble, build_model
+from medray.models import Ensemble, build_model, preset_arch
 from medray.report import write_report
 from medray.split import flagged_rows, resolve_groups, split_indices
 from medray.tasks import encode_labels, fit_preprocessor, load_preset
@@ -316,9 +316,7 @@ def train(
     if recipe.get("class_weights") == "balanced":
         class_weights = (len(y_tr) / (len(labels) * np.maximum(counts, 1))).round(6).tolist()
 
-    arch = {"name": preset["name"], "params": preset.get("params", {})}
-    if preset.get("ensemble", 1) > 1:  # N members of the architecture, one model in the bundle
-        arch = {"name": "ensemble", "params": {"members": int(preset["ensemble"]), "member": arch}}
+    arch = preset_arch(preset)
     tr_keys, va_keys = keys.keys[tr_idx], keys.keys[va_idx]
     fingerprint = pipeline.fingerprint(keys, {
         "labels": labels, "preprocessing": preset.get("preprocessing", {}), "task": task,
