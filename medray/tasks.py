@@ -24,8 +24,10 @@ TASKS = ("exercise", "ultrasound", "genomic")  # classifiers
 SERVED_TASKS = (*TASKS, "genomic-gan")  # what a bundle can be, and what serving deploys
 
 
-def load_preset(task: str, model: str | None = None) -> dict:
-    """The preset of `model` (default: the task's best measured model) from presets/<task>.yaml."""
+def load_preset(task: str, model: str | None = None, overrides: dict | None = None) -> dict:
+    """The preset of `model` (default: the task's best measured model) from presets/<task>.yaml, with
+    `overrides` ({"params": {...}, "preprocessing": {...}, "train": {...}, "ensemble": N}) merged into its
+    sections (model selection, `medray tune`)."""
     if task not in TASKS:
         raise MedrayError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
     spec = yaml.safe_load(resources.files("medray.presets").joinpath(f"{task}.yaml").read_text())
@@ -34,6 +36,13 @@ def load_preset(task: str, model: str | None = None) -> dict:
         raise MedrayError(f"model {name!r} is not available for {task} (choose from: {', '.join(spec['models'])})")
     preset = copy.deepcopy(spec["models"][name])
     preset["name"] = name
+    for section, values in (overrides or {}).items():
+        if section == "ensemble":
+            preset["ensemble"] = int(values)
+        elif section in ("params", "preprocessing", "train"):
+            preset[section] = {**preset.get(section, {}), **values}
+        else:
+            raise MedrayError(f"overrides: unknown section {section!r} (params, preprocessing, train, ensemble)")
     return preset
 
 

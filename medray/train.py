@@ -260,14 +260,7 @@ def train(
     display (default: the task and model). `exclude_train` (COLUMN or FILE:COLUMN, as `group_column`)
     leaves the rows it flags (1/true/yes) out of the training split, after the split: validation
     and the folds stay as they were (e.g. BUSI's `label_conflict` images)."""
-    preset = load_preset(task, model)
-    for section, values in (overrides or {}).items():
-        if section == "ensemble":
-            preset["ensemble"] = int(values)
-        elif section in ("params", "preprocessing", "train"):
-            preset[section] = {**preset.get(section, {}), **values}
-        else:
-            raise MedrayError(f"overrides: unknown section {section!r} (params, preprocessing, train, ensemble)")
+    preset = load_preset(task, model, overrides)
     recipe = dict(preset["train"])
     recipe.update({k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None})
     if recipe["epochs"] < 1 or recipe["batch_size"] < 1 or recipe["lr"] <= 0 or workers < 1:

@@ -482,12 +482,7 @@ def preset_snippet(task: str, row: dict, *, folds: int, metric: str) -> str:
     """The best config as presets/TASK.yaml lines (its model's whole entry, the figures as a comment)."""
     from medray.tasks import load_preset
 
-    preset = load_preset(task, row["config"]["model"])
-    for section, values in row["overrides"].items():
-        if section == "ensemble":
-            preset["ensemble"] = int(values)
-        else:
-            preset[section] = {**preset.get(section, {}), **values}
+    preset = load_preset(task, row["config"]["model"], row["overrides"])
     name = preset.pop("name")
     flow = lambda v: yaml.safe_dump(v, default_flow_style=True, sort_keys=False, width=10_000).strip()  # noqa: E731
     s = row["summary"]
