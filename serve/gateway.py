@@ -277,11 +277,7 @@ async def run_model(gateway, task: str, info: dict, inputs) -> tuple[np.ndarray,
         elif await gateway._alone(task, len(inputs)):  # a lone small request: no batch queue
             probs, batch = await gateway.local[task].forward(inputs, inline=True), len(inputs)
         else:
-            gateway._batching[task] += 1
-            try:
-                probs, batch = await getattr(gateway, f"_batch_{task}")(inputs)
-            finally:
-                gateway._batching[task] -= 1
+            probs, batch = await gateway._batched(task, inputs)
     except (*UNAVAILABLE, ReplicaUnreachable) as e:
         raise unavailable(task, e) from None
     metrics.record_predictions(task, probs, info["labels"])
@@ -366,10 +362,10 @@ class GatewayBase:
         return await read_body(request, self.limits.max_body_bytes, self.limits.body_timeout_s)
 
     # ---- a lone request for a light model: its forward pass at once, on the event loop
-    # The batch queue below costs a lone request ~0.1 ms (a queue, a batch task, a future; measured
-    # with py-spy at concurrency 1): more than a one-sequence forward pass of a light model. A request
-    # is alone when the local model is idle and no other request for it arrives while it yields to
-    # the event loop once: under load the others, already parsed, arrive then, and they all batch.
+    # The batch queue below (a queue, a batch task, a future) cost a lone request 0.2-0.3 ms of its
+    # 1.3-1.9 ms at concurrency 1 (A/B in docs/serving.md). A request is alone when the local model
+    # is idle, nothing is on the batch path, and no other request for the model arrives while it
+    # yields to the event loop once: under load the others, already parsed, arrive then and batch.
 
     async def _alone(self, task: str, n: int) -> bool:
         self._arrivals[task] += 1
@@ -379,6 +375,14 @@ class GatewayBase:
         seen = self._arrivals[task]
         await asyncio.sleep(0)  # every request ready to run gets this far first (and counts itself)
         return self._arrivals[task] == seen and local.idle and not self._batching[task]
+
+    async def _batched(self, task: str, inputs) -> tuple[np.ndarray, int]:
+        """`inputs` through the model's batch queue, counted in `_batching` while there."""
+        self._batching[task] += 1
+        try:
+            return await getattr(self, f"_batch_{task}")(inputs)
+        finally:
+            self._batching[task] -= 1
 
     # ---- batching in the ingress: concurrent requests for a model share one handle call
     # (the model replica batches again across ingress replicas). A handle call costs far more
