@@ -99,7 +99,7 @@ def main(argv=None) -> int:
                            overrides={k: v for k, v in overrides.items() if k != "exclude_train"}, **options)
         results[key] = {"task": task, "model": model, "overrides": overrides, "folds": args.folds,
                         "seeds": args.seeds, "group_column": group, "seconds": round(time.time() - t0),
-                        "summary": r["summary"], "per_fold": r["per_fold"]}
+                        "summary": r["summary"], "pooled": r["pooled"], "per_fold": r["per_fold"]}
         print(f"{key}: " + ", ".join(f"{m} {s['mean']:.3f} ± {s['sd']:.3f}" for m, s in r["summary"].items()),
               flush=True)
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -113,16 +113,19 @@ def main(argv=None) -> int:
 
 def table(results: dict) -> str:
     head = ("Grouped K-fold CV on ../shared/data (`medray cv`, 2 Ray Train workers, this 2-core machine). "
-            "ECE: cross-fitted temperature scaling. Command: `.venv/bin/python benchmarks/model_selection.py`\n\n"
+            "ECE: cross-fitted temperature scaling, mean ± sd over the folds, and pooled: one ECE over every fold's "
+            "validation rows (`medray.metrics.pooled_ece`; runs before 2026-12-06 did not record it). "
+            "Command: `.venv/bin/python benchmarks/model_selection.py`\n\n"
             "| task | model (overrides) | folds × seeds | accuracy | balanced acc. | macro F1 | AUROC | ECE "
-            "| ECE uncal. | s |\n|---|---|---|---|---|---|---|---|---|---|\n")
+            "| ECE pooled | ECE uncal. | s |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for key, r in results.items():
         s = r["summary"]
+        pooled = f"{r['pooled']['ece']:.3f}" if (r.get("pooled") or {}).get("ece") is not None else "–"
         cell = lambda m: f"{s[m]['mean']:.3f} ± {s[m]['sd']:.3f}" if m in s else "–"  # noqa: E731
         rows.append(f"| {r['task']} | {key.split(' | ', 1)[1]} | {r['folds']} × {len(r['seeds'])} | {cell('accuracy')} "
                     f"| {cell('balanced_accuracy')} | {cell('macro_f1')} | {cell('auroc')} | {cell('ece')} "
-                    f"| {cell('ece_uncalibrated')} | {r['seconds']} |")
+                    f"| {pooled} | {cell('ece_uncalibrated')} | {r['seconds']} |")
     return head + "\n".join(sorted(rows)) + "\n"
 
 

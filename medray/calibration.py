@@ -7,7 +7,9 @@ by `Bundle.predict_arrays`, which `predict`, `evaluate`, batch inference and ser
 
 The ECE of probabilities calibrated on the same rows they are judged on is optimistic, so
 `calibrate` also reports a cross-fitted ECE: T fitted on one half of the validation rows and
-applied to the other, both ways round. That is the figure `medray cv` averages.
+applied to the other, both ways round, and its reliability table. `medray cv` averages the folds'
+cross-fitted ECEs and also pools their tables into one ECE over every validated row, the less
+biased figure when folds are small (`medray.metrics.pooled_ece`).
 """
 
 from __future__ import annotations
@@ -47,14 +49,15 @@ def calibrate(probs: np.ndarray, y: np.ndarray, seed: int = 0) -> dict:
     cross-fitted (two seeded halves, each calibrated by the other's T)."""
     probs, y = np.asarray(probs, dtype=np.float64), np.asarray(y, dtype=np.int64)
     t = fit_temperature(probs, y)
-    crossfit = None
+    crossfit = table = None
     if len(y) >= 20:
         order = np.random.default_rng(seed).permutation(len(y))
         halves = order[: len(y) // 2], order[len(y) // 2:]
         scaled = np.empty_like(probs)
         for fit_on, apply_to in (halves, halves[::-1]):
             scaled[apply_to] = scale(probs[apply_to], fit_temperature(probs[fit_on], y[fit_on]))
-        crossfit = round(expected_calibration_error(y, scaled)[0], 6)
+        crossfit, table = expected_calibration_error(y, scaled)
+        crossfit = round(crossfit, 6)
     return {
         "method": "temperature",
         "temperature": round(t, 6),
@@ -63,4 +66,5 @@ def calibrate(probs: np.ndarray, y: np.ndarray, seed: int = 0) -> dict:
         "ece_uncalibrated": round(expected_calibration_error(y, probs)[0], 6),
         "ece_calibrated": round(expected_calibration_error(y, scale(probs, t))[0], 6),
         "ece_crossfit": crossfit,
+        "reliability_crossfit": table,  # its bins: `medray cv` pools them over the folds (metrics.pooled_ece)
     }

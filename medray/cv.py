@@ -6,7 +6,9 @@ splits by group (`--group-column`, the same specs as `medray train`) into K seed
 each fold exactly as `medray train` does (same preset, recipe, preprocessing fitted on the fold's
 training rows, calibration fitted on its validation rows), and summarises the folds' validation
 metrics. The ECE it reports is the cross-fitted one (`medray.calibration.calibrate`): a
-temperature fitted on one half of a fold's validation rows judged on the other half.
+temperature fitted on one half of a fold's validation rows judged on the other half; averaged over
+the folds (`ece`), and pooled: one ECE over all folds' validation rows together (`ece_pooled`),
+which small folds do not bias upwards.
 
 Each fold is its own run (its run name comes from its data and split), so re-running the same
 command after a crash skips the finished folds and resumes the interrupted one.
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from medray.errors import MedrayError
+from medray.metrics import pooled_ece
 from medray.models import describe
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "ece", "ece_uncalibrated")
@@ -59,7 +62,7 @@ def cross_validate(task: str, data: str, *, folds: int = 5, seeds=(0,), out: str
     if folds < 2:
         raise MedrayError("--folds must be at least 2")
     seeds = list(seeds) or [0]
-    per_fold = []
+    per_fold, reliability = [], []
     experiment = mlflow_experiment or task
     parent = tracking.start(mlflow, experiment=experiment, run_name=f"cv {task} {folds}-fold seeds {seeds}", log=log,
                             params={"task": task, "folds": folds, "seeds": seeds, **train_options},
@@ -73,9 +76,11 @@ def cross_validate(task: str, data: str, *, folds: int = 5, seeds=(0,), out: str
                 meta = train(task, data, str(root / f"seed{seed}-fold{i}"), seed=seed, fold=(folds, i), log=log,
                              label=f"cv seed {seed} fold {i + 1}/{folds}", mlflow=mlflow, **train_options)
                 per_fold.append({"seed": seed, "fold": i, **fold_metrics(meta)})
+                reliability.append((meta.get("calibration") or {}).get("reliability_crossfit") or [])
+    ece, rows = pooled_ece(reliability)
     result = {"task": task, "data": str(data), "folds": folds, "seeds": seeds, "model": describe(meta["model"]),
               "group_column": train_options.get("group_column"), "summary": summarise(per_fold),
-              "per_fold": per_fold}
+              "pooled": {"ece": None if ece is None else round(ece, 4), "rows": rows}, "per_fold": per_fold}
     if out:
         (Path(out) / "cv.json").write_text(json.dumps(result, indent=2))
     parent.finish_cv(result)  # --mlflow: the summary's means and sds, and cv.json, on the parent run
@@ -90,4 +95,8 @@ def format_summary(result: dict) -> str:
     for m, s in result["summary"].items():
         vals = " ".join(f"{f[m]:.3f}" for f in result["per_fold"] if f.get(m) is not None)
         lines.append(f"{m:<20}{s['mean']:>10.3f} ± {s['sd']:.3f}   {vals}")
+    pooled = result.get("pooled") or {}
+    if pooled.get("ece") is not None:
+        lines.append(f"{'ece_pooled':<20}{pooled['ece']:>10.3f}           all folds' {pooled['rows']} validation rows "
+                     "as one set (cross-fitted)")
     return "\n".join(lines)

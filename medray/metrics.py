@@ -72,3 +72,22 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int 
         table.append({"lower": round(b / bins, 4), "upper": round((b + 1) / bins, 4), "count": int(m.sum()),
                       "confidence": round(mean_conf, 6), "accuracy": round(acc, 6)})
     return float(ece), table
+
+
+def pooled_ece(tables: list[list[dict]]) -> tuple[float | None, int]:
+    """(ECE, rows) of several reliability tables from `expected_calibration_error` (same bins) pooled
+    into one: the ECE of all their rows together, computed from the bins' counts and means. An ECE
+    over a few dozen rows is biased upwards even for a calibrated model (docs/models.md: a calibrated
+    3-class model at 76 % accuracy scores 0.107 on 78 rows, 0.033 on 780), so cross-validation pools
+    its folds' tables instead of averaging their ECEs."""
+    bins: dict[tuple, list[float]] = {}
+    for table in tables:
+        for b in table:
+            c = bins.setdefault((b["lower"], b["upper"]), [0, 0.0, 0.0])
+            c[0] += b["count"]
+            c[1] += b["count"] * b["confidence"]
+            c[2] += b["count"] * b["accuracy"]
+    rows = int(sum(c[0] for c in bins.values()))
+    if not rows:
+        return None, 0
+    return float(sum(abs(c[2] - c[1]) for c in bins.values()) / rows), rows

@@ -217,6 +217,8 @@ class Tracker:
         """`medray cv`'s parent run: the summary as `cv_<metric>_mean` / `cv_<metric>_sd`, and cv.json."""
         try:
             self.log_metrics({f"cv_{m}_{k}": s[k] for m, s in result["summary"].items() for k in ("mean", "sd")})
+            if (result.get("pooled") or {}).get("ece") is not None:
+                self.log_metrics({"cv_ece_pooled": result["pooled"]["ece"]})
             _client(self.uri).log_dict(self.run_id, result, "cv.json")
         except Exception as e:
             self.end("FAILED")

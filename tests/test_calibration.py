@@ -10,7 +10,7 @@ import torch
 
 from medray.bundle import load_bundle, write_bundle
 from medray.calibration import calibrate, fit_temperature, scale
-from medray.metrics import classification_metrics, expected_calibration_error
+from medray.metrics import classification_metrics, expected_calibration_error, pooled_ece
 from medray.models import build_model
 from medray.preprocessing import StandardScaler
 
@@ -53,6 +53,22 @@ def test_temperature_undoes_overconfidence():
     assert t1 == pytest.approx(1.0, abs=0.15)
     assert (scale(probs, t).argmax(1) == probs.argmax(1)).all()
 
+
+
+def test_pooled_ece_is_the_ece_of_every_row_and_undoes_small_fold_bias():
+    _, y, truth = _overconfident(n=5 * 78, k=3, seed=3)  # calibrated probabilities, folds of 78 rows
+    parts = [slice(i * 78, (i + 1) * 78) for i in range(5)]
+    tables = [expected_calibration_error(y[s], truth[s])[1] for s in parts]
+    ece, rows = pooled_ece(tables)
+    assert rows == 5 * 78
+    assert ece == pytest.approx(expected_calibration_error(y, truth)[0], abs=1e-5)
+    # the folds' own ECEs overstate the miscalibration of a calibrated model; the pooled one less so
+    assert np.mean([expected_calibration_error(y[s], truth[s])[0] for s in parts]) > ece + 0.02
+    assert pooled_ece([[], []]) == (None, 0)
+    # calibrate() records the cross-fitted table that cv pools: its rows are the validation rows
+    cal = calibrate(truth, y)
+    assert sum(b["count"] for b in cal["reliability_crossfit"]) == len(y)
+    assert pooled_ece([cal["reliability_crossfit"]])[0] == pytest.approx(cal["ece_crossfit"], abs=1e-5)
 
 def test_bundle_applies_its_temperature(tmp_path):
     torch.manual_seed(0)

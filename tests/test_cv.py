@@ -71,6 +71,9 @@ def test_cv_trains_one_job_per_fold_and_summarises(ray_session, tmp_path, capsys
         assert result["summary"][m]["mean"] == pytest.approx(np.mean(values), abs=1e-4)
         assert result["summary"][m]["sd"] == pytest.approx(np.std(values, ddof=1), abs=1e-4)
         assert f"{m:<20}{result['summary'][m]['mean']:>10.3f} ± " in printed
+    # the pooled ECE: every validated sequence, as one set
+    assert result["pooled"]["rows"] == 2231 and 0 <= result["pooled"]["ece"] < 1
+    assert f"{'ece_pooled':<20}{result['pooled']['ece']:>10.3f}" in printed
     for i in range(2):  # each fold is a bundle of its own, calibrated on its own validation rows
         meta = load_bundle(tmp_path / "cv" / f"seed0-fold{i}").meta
         assert meta["data"]["split"] == {"val_fraction": None, "group_column": "id-prefix", "seed": 0,
