@@ -355,6 +355,7 @@ def train(
     with tracker.failing():  # the MLflow run ends FAILED if training does
         state, seconds = run_trainer(train_loop_per_worker, config, datasets, name=name, storage=storage,
                                      workers=workers, gpu=gpu, max_failures=max_failures,
+                                     deterministic=config["cache"],  # cached shards: same rows, same order
                                      placement_strategy=placement_strategy, label=label or f"{task} {preset['name']}")
     meta = {
         "name": Path(out).name,

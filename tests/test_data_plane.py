@@ -170,3 +170,26 @@ def test_driver_peak_rss_stays_flat_from_a_small_to_a_10x_image_set(ray_session,
     print(f"driver peak RSS: {peaks}")
     # before the data plane, 900 decoded images cost the driver ~300 KB each (~270 MB more)
     assert peaks[900] - peaks[90] < 200, peaks
+
+
+def test_same_seed_trains_the_same_weights_from_an_image_folder_of_many_blocks(ray_session, storage, tmp_path):
+    """An image folder is read as many Ray Data blocks whose tasks finish in any order; the shards
+    still get the same rows in the same order every run (medray.train_common.whole_validation_config),
+    so one seed gives one model. Before, runs of the same command could train different weights (two
+    runs differed in one try of two here: what varies is the order the blocks finish in, so three
+    runs are compared)."""
+    import hashlib
+
+    from medray.train import train
+
+    for i in range(12 * pipeline.IMAGE_BLOCK):  # twelve blocks
+        _png(tmp_path / "img" / ["normal", "benign", "malignant"][i % 3] / f"{i:05d}.png", i, size=48)
+    runs = []
+    for run in range(3):
+        out = tmp_path / f"b{run}"
+        meta = train("ultrasound", str(tmp_path / "img"), str(out), epochs=1, workers=2, storage=str(storage),
+                     name=f"same-seed-{run}", seed=0, overrides={"ensemble": 1}, log=lambda *a: None)
+        weights = hashlib.sha256((out / "model.pt").read_bytes()).hexdigest()
+        runs.append((weights, meta["data"]["train_rows"], meta["calibration"]["ece_crossfit"],
+                     meta["metrics"]["history"][-1]["rows_per_worker"]))
+    assert runs[0] == runs[1] == runs[2], runs
