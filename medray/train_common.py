@@ -306,7 +306,6 @@ def whole_validation_config(preserve_order: bool = False):
     cached in the workers this costs nothing after their one read; streamed shards keep Ray's
     default, whose blocks flow as soon as they are ready."""
     import ray.train
-    from ray.data import ExecutionOptions
 
     class WholeValidation(ray.train.DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
@@ -324,8 +323,7 @@ def whole_validation_config(preserve_order: bool = False):
             return output
 
     options = None
-    if preserve_order:
-        base = ray.train.DataConfig.default_ingest_options()
-        options = ExecutionOptions(resource_limits=base.resource_limits, exclude_resources=base.exclude_resources,
-                                   preserve_order=True, verbose_progress=base.verbose_progress)
+    if preserve_order:  # Ray Train's defaults (a fresh copy), ordered
+        options = ray.train.DataConfig.default_ingest_options()
+        options.preserve_order = True
     return WholeValidation(execution_options=options)

@@ -54,7 +54,6 @@ def test_temperature_undoes_overconfidence():
     assert (scale(probs, t).argmax(1) == probs.argmax(1)).all()
 
 
-
 def test_pooled_ece_is_the_ece_of_every_row_and_undoes_small_fold_bias():
     _, y, truth = _overconfident(n=5 * 78, k=3, seed=3)  # calibrated probabilities, folds of 78 rows
     parts = [slice(i * 78, (i + 1) * 78) for i in range(5)]
