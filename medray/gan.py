@@ -18,8 +18,6 @@ optimisers every epoch; a re-run with the same name resumes. The bundle holds th
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -37,21 +35,18 @@ from medray.data.location import localize
 from medray.errors import DataError, MedrayError
 from medray.models import DNACritic, DNAGenerator
 from medray.preprocessing import SequenceEncoder
-from medray.train_common import STATE, ShardFeed, gather, resolve_run_storage, run_trainer, write_checkpoint_files
+from medray.train_common import (STATE, ShardFeed, distributed, gather, mean_over_workers_, resolve_run_storage,
+                                 run_key, run_trainer, write_checkpoint_files)
 
 TASK = "genomic-gan"
 
 
 def _allreduce_grads(module: nn.Module) -> None:
-    """Average gradients over workers: one all-reduce of all of them, flattened."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    """Average gradients over workers: one exchange of all of them, flattened."""
+    if not distributed():
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
+    flat = mean_over_workers_(torch.cat([g.reshape(-1) for g in grads]))
     offset = 0
     for p, g in zip(module.parameters(), grads):
         n = g.numel()
@@ -536,9 +531,7 @@ def train_gan(data: str, out: str, *, workers: int = 2, gpu: bool = False, stora
     enc = SequenceEncoder(length)
     arch = {"name": "dna_generator", "params": {**gen_params, "conditional": conditional}}
     fingerprint = pipeline.fingerprint(keys, {"labels": labels, "task": TASK, "length": length})
-    run_key = hashlib.sha256(json.dumps([fingerprint, arch, critic_params, recipe, seed, workers],
-                                        sort_keys=True).encode()).hexdigest()
-    name = name or f"{TASK}-{run_key[:10]}"
+    name = name or f"{TASK}-{run_key(fingerprint, arch, critic_params, recipe, seed, workers)[:10]}"
     storage = resolve_run_storage(storage, name, fingerprint, epochs, log)
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(keep, min(2000, len(keep)), replace=False))

@@ -10,7 +10,6 @@ Re-running with the same run name and storage path resumes from the latest check
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import tempfile
 import time
@@ -32,8 +31,8 @@ from medray.report import write_report
 from medray.split import flagged_rows, resolve_groups, split_indices
 from medray.tasks import encode_labels, fit_preprocessor, load_preset
 from medray import tracking
-from medray.train_common import (DDP_OPTIONS, STATE, ShardFeed, average_buffers, checkpoint_interval_s,
-                                 fits_in_worker_memory, gather, resolve_run_storage, run_trainer, unwrap,
+from medray.train_common import (STATE, ShardFeed, average_buffers, checkpoint_interval_s, fits_in_worker_memory,
+                                 gather, prepare_model, resolve_run_storage, run_key, run_trainer, unwrap,
                                  write_checkpoint_files)
 
 # ----------------------------------------------------------------------------- worker side
@@ -85,7 +84,7 @@ def train_loop_per_worker(config: dict):
         if rank == 0:
             print(f"[medray] resuming from checkpoint at epoch {state['epoch']}", flush=True)
 
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=DDP_OPTIONS)
+    model = prepare_model(model)
     device = ray.train.torch.get_device()
     amp_dtype, use_scaler = _amp_settings(device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
@@ -316,8 +315,7 @@ def train(
         "val": hashlib.sha256(np.sort(va_keys).tobytes()).hexdigest(),
         "features": source.feature_names,
         **({"exclude_train": [exclude_train, excluded]} if exclude_train else {})})
-    run_key = hashlib.sha256(json.dumps([fingerprint, arch, recipe, seed, workers], sort_keys=True).encode()).hexdigest()
-    name = name or f"{task}-{preset['name']}-{run_key[:10]}"
+    name = name or f"{task}-{preset['name']}-{run_key(fingerprint, arch, recipe, seed, workers)[:10]}"
     storage = resolve_run_storage(storage, name, fingerprint, recipe["epochs"], log)
 
     per_worker = max(1, len(y_tr) // workers)

@@ -12,6 +12,7 @@ buffer). Either way the feed counts the seconds the loop waited for data.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -38,6 +39,53 @@ def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
+def distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def mean_over_workers_(flat: torch.Tensor) -> torch.Tensor:
+    """Replace `flat` by its mean over the workers, in place; every rank gets the same bits.
+
+    Two CPU workers (gloo) swap their halves directly: one send and one receive each, at once.
+    Gloo's all-reduce runs a ring even for two ranks, several round trips: on 2 CPU cores it took
+    1.1-1.5 ms for a 32k-parameter model's gradients against 0.3-0.8 ms for the swap, more than
+    the default genomic model's forward and backward at batch 8 (tests/test_distributed.py checks
+    the two agree; `benchmarks/ddp_floor.py` measures both). a/2 + b/2 and b/2 + a/2 round alike,
+    so the ranks stay identical. Any other case is one all-reduce."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    flat.div_(world)
+    if world == 2 and not flat.is_cuda and dist.get_backend() == "gloo":
+        other, peer = torch.empty_like(flat), 1 - dist.get_rank()
+        for work in (dist.isend(flat, peer), dist.irecv(other, peer)):
+            work.wait()
+        flat.add_(other)
+    else:
+        dist.all_reduce(flat)
+    return flat
+
+
+def mean_over_workers_hook(_state, bucket):
+    """DDP communication hook: each gradient bucket's mean by `mean_over_workers_`."""
+    fut = torch.futures.Future()
+    fut.set_result(mean_over_workers_(bucket.buffer()))
+    return fut
+
+
+def prepare_model(model):
+    """Ray Train's `prepare_model` (DDP across workers, on the worker's device), with DDP's
+    gradient exchange done by `mean_over_workers_` and no buffer broadcast (see average_buffers)."""
+    import ray.train.torch
+
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=DDP_OPTIONS)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model.register_comm_hook(None, mean_over_workers_hook)
+    return model
+
+
 def average_buffers(model) -> None:
     """Average the floating-point buffers (BatchNorm running statistics) over the workers. The DDP
     wrapper is built with `forward_sync_buffers=False` (no broadcast of rank 0's buffers before
@@ -45,16 +93,12 @@ def average_buffers(model) -> None:
     instead each worker keeps statistics of its own shard and they are averaged once an epoch,
     before validation and the checkpoint: every rank then validates the same model, and the saved
     statistics cover every shard rather than rank 0's alone."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not distributed():
         return
     bufs = [b for b in unwrap(model).buffers() if b.is_floating_point()]
     if not bufs:
         return
-    flat = torch.cat([b.detach().reshape(-1) for b in bufs])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
+    flat = mean_over_workers_(torch.cat([b.detach().reshape(-1) for b in bufs]))
     offset = 0
     for b in bufs:
         b.copy_(flat[offset: offset + b.numel()].view_as(b))
@@ -220,6 +264,26 @@ def latest_local_checkpoint(run_dir: Path) -> dict | None:
         if verified is not None:
             return verified
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """sha256 of medray's own code (the package's .py and preset .yaml files, by relative path): the
+    same for every run of one installed version, different after an upgrade or an edited checkout."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts:
+            h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def run_key(*parts) -> str:
+    """The key a default run name is made from: `parts` (data fingerprint, model, recipe, seed,
+    workers, …) and `code_digest()`. A run is resumed (or its finished checkpoint reused, as
+    `medray cv` does fold by fold) only by the medray code that started it: after an upgrade that
+    changes training, the same command trains anew instead of returning the old code's result."""
+    return hashlib.sha256(json.dumps([code_digest(), *parts], sort_keys=True).encode()).hexdigest()
 
 
 def resolve_run_storage(storage: str | None, name: str, fingerprint: str, epochs: int, log=print) -> str:

@@ -54,7 +54,7 @@ def test_exclude_train_flags_the_label_conflict_rows_of_a_side_table():
         2 * (len(side) // 4)
 
 
-def test_cv_trains_one_job_per_fold_and_summarises(ray_session, tmp_path, capsys):
+def test_cv_trains_one_job_per_fold_and_summarises(ray_session, tmp_path, capsys, monkeypatch):
     from medray.cli import main
 
     data = str(shared("genomic", "splice.fasta"))
@@ -84,6 +84,16 @@ def test_cv_trains_one_job_per_fold_and_summarises(ray_session, tmp_path, capsys
     again = json.loads((tmp_path / "cv" / "cv.json").read_text())
     assert again["summary"] == result["summary"]
     assert "already has 2 epochs" in capsys.readouterr().out
+    # other medray code (an upgrade, an edited checkout): new runs, not the old code's folds
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(runs) == 2
+    import medray.train_common
+
+    monkeypatch.setattr(medray.train_common, "code_digest", lambda: "another medray")
+    assert main(args) == 0
+    assert "already has" not in capsys.readouterr().out
+    after = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(after) == 4 and set(runs) < set(after)
 
 
 def test_preset_overrides_name_their_section(tmp_path):
