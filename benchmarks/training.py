@@ -250,7 +250,7 @@ def table(results: dict) -> str:
         a, b = r["ray"], r["plain"]
         body += (f"| {r['task']} | {r['scale']}× | {a['rows']:,} | {r['epochs']} | {a['peak_rss_mb']:,} / "
                  f"{b['peak_rss_mb']:,} | {a['first_step_s']} / {b['first_step_s']} | {a['samples_per_s']:,.0f} | "
-                 f"{b['samples_per_s']:,.0f} | **{r['ratio']}** | {a['wall_s']} / {b['wall_s']} | "
+                 f"{_plain_rate(b)} | **{r['ratio']}** | {a['wall_s']} / {b['wall_s']} | "
                  f"{a['data_wait_share'] * 100:.1f} % |\n")
     return ("Driver peak RSS: `medray train` / the plain loop (which holds every row). Plain loop's samples/s: "
             "the mean of its runs just before and just after the Ray run (both in brackets; rows without "
