@@ -130,19 +130,28 @@ class SimpleCNN(nn.Module):
 
 
 class ConvNet2d(nn.Module):
-    """A stronger small image CNN: stages of 3×3 conv-BN-ReLU then max-pool, global average
-    pooling, dropout, linear. Trained from scratch (no downloaded weights)."""
+    """A stronger small image CNN: stages of 3×3 conv-BN then max-pool and ReLU, global average
+    pooling, dropout, linear. Trained from scratch (no downloaded weights).
+
+    Two choices that change no result, only the speed (the ultrasound default, batch 32, forward +
+    backward + AdamW on this 2-core CPU, 2026-12-07: 315 → 141 ms per step on 1 thread, 129 → 83 ms
+    on 2): ReLU after the max-pool (the two commute exactly, values and gradients; ReLU then sees a
+    quarter of the elements), and channels-last (NHWC) weights and activations, the layout oneDNN's
+    convolutions and pooling run fastest on (NCHW costs a reorder per layer). Parameter names are
+    unchanged, so bundles written before load as they were."""
 
     def __init__(self, input_shape, n_classes, widths=(16, 32, 64, 128), dropout=0.3):
         super().__init__()
         layers, c = [], input_shape[0]
         for w in widths:
-            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)]
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.MaxPool2d(2), nn.ReLU()]
             c = w
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c, n_classes))
+        self.to(memory_format=torch.channels_last)  # the 4-D conv weights; `.to(device)` keeps the layout
 
     def forward(self, x):
+        x = x.contiguous(memory_format=torch.channels_last)
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 

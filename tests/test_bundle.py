@@ -162,3 +162,42 @@ def test_a_loaded_bundle_folds_batch_norms_into_its_convolutions_with_the_same_o
     with torch.no_grad():
         assert torch.allclose(b.model(x), model(x), atol=1e-5)
     assert n_bn > 0 and left < n_bn
+
+
+def _convnet_as_written_before(widths, n_classes):
+    """ConvNet2d as bundles before 2026-12-07 were trained: NCHW, conv-BN-ReLU then max-pool."""
+    layers, c = [], 1
+    for w in widths:
+        layers += [torch.nn.Conv2d(c, w, 3, padding=1, bias=False), torch.nn.BatchNorm2d(w), torch.nn.ReLU(),
+                   torch.nn.MaxPool2d(2)]
+        c = w
+    net = torch.nn.Module()
+    net.features = torch.nn.Sequential(*layers)
+    net.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.0), torch.nn.Linear(c, n_classes))
+    return net
+
+
+def test_convnet_layout_changes_speed_not_results():
+    """ConvNet2d runs channels-last with ReLU after the max-pool: the same outputs and gradients as
+    the NCHW conv-BN-ReLU-pool network its bundles were trained as, under the same parameter names."""
+    torch.manual_seed(0)
+    widths = [8, 16, 32]
+    model = build_model({"name": "convnet", "params": {"widths": widths, "dropout": 0.0}}, [1, 32, 32], 3)
+    ref = _convnet_as_written_before(widths, 3)
+    ref.load_state_dict(model.state_dict())  # same names: old bundles load unchanged
+    with torch.no_grad():  # BN far from the identity, some scales negative: pooling must come after it
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(-2, 2), m.bias.uniform_(-1, 1)
+        ref.load_state_dict(model.state_dict())
+    assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(6, 1, 32, 32)
+    for train in (True, False):
+        model.train(train), ref.train(train)
+        out, expect = model(x), ref.head(ref.features(x).mean(dim=(2, 3)))
+        assert torch.allclose(out, expect, atol=1e-5)
+        if train:
+            out.square().sum().backward()
+            expect.square().sum().backward()
+            for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+                assert torch.allclose(p.grad, q.grad, atol=1e-4), name
