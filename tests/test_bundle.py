@@ -183,13 +183,12 @@ def test_convnet_layout_changes_speed_not_results():
     torch.manual_seed(0)
     widths = [8, 16, 32]
     model = build_model({"name": "convnet", "params": {"widths": widths, "dropout": 0.0}}, [1, 32, 32], 3)
-    ref = _convnet_as_written_before(widths, 3)
-    ref.load_state_dict(model.state_dict())  # same names: old bundles load unchanged
     with torch.no_grad():  # BN far from the identity, some scales negative: pooling must come after it
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.weight.uniform_(-2, 2), m.bias.uniform_(-1, 1)
-        ref.load_state_dict(model.state_dict())
+    ref = _convnet_as_written_before(widths, 3)
+    ref.load_state_dict(model.state_dict())  # strict: same names, so old bundles load unchanged
     assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(6, 1, 32, 32)
     for train in (True, False):
