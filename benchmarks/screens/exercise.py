@@ -22,8 +22,13 @@ groups = meta.subject.astype(str).to_numpy()
 XR = df.drop(columns="label").to_numpy(np.float32).reshape(len(df), 6, 100)
 SIGN = torch.tensor([-1, 1, 1, 1, -1, -1], dtype=torch.float32)[None, :, None]
 
+def norm_channels(raw):
+    """|acc| and |gyro| per time step, in sensor units: unchanged by any rotation of the sensor."""
+    return torch.cat([raw[:, 0:3].norm(dim=1, keepdim=True), raw[:, 3:6].norm(dim=1, keepdim=True)], 1)
+
+
 def run(name, params=None, epochs=30, lr=1e-3, wd=1e-4, bs=128, aug=None, ls=0.0, members=3, mirror=0.0,
-        rotate=0.0, inorm=False, folds=range(5), mixup=0.0, tta_mirror=False):
+        rotate=0.0, inorm=False, folds=range(5), mixup=0.0, tta_mirror=False, norms=False):
     params = params or {"channels": [32, 64, 64], "kernel_size": 7, "dropout": 0.3, "pool": 2}
     aug = {"time_shift": 0.5, "scale": 0.1} if aug is None else aug
     res = []
@@ -31,13 +36,14 @@ def run(name, params=None, epochs=30, lr=1e-3, wd=1e-4, bs=128, aug=None, ls=0.0
         t0 = time.time()
         tr, va = split_indices(df.label.to_numpy(), groups, 0.2, 0, fold=(5, f))
         X = torch.from_numpy(XR.copy())
+        if norms: NR = norm_channels(X); nm, ns = NR[tr].mean((0, 2), keepdim=True), NR[tr].std((0, 2), keepdim=True)
         if inorm: X = X - X.mean(-1, keepdim=True)
         m, s = X[tr].mean((0, 2), keepdim=True), X[tr].std((0, 2), keepdim=True)
         Y = torch.from_numpy(y_all)
         probs_sum = 0
         for mem in range(members):
             torch.manual_seed(mem); gen = torch.Generator().manual_seed(1000 + mem)
-            net = build_model({"name": "cnn1d", "params": params}, [6, 100], 7)
+            net = build_model({"name": "cnn1d", "params": params}, [8 if norms else 6, 100], 7)
 
             def batch(idx):
                 x, n = X[idx].clone(), len(idx)
@@ -47,12 +53,15 @@ def run(name, params=None, epochs=30, lr=1e-3, wd=1e-4, bs=128, aug=None, ls=0.0
                 if rotate:  # in sensor units, before standardising (the training loop undoes its scaler)
                     x = augment_batch(x.reshape(n, -1), {"rotate": rotate}, [6, 100], gen).reshape(n, 6, 100)
                 x = (x - m) / s
-                return augment_batch(x.reshape(n, -1), aug, [6, 100], gen).reshape(n, 6, 100), Y[idx]
+                if norms: x = torch.cat([x, (NR[idx] - nm) / ns], 1)
+                c = x.shape[1]
+                return augment_batch(x.reshape(n, -1), aug, [c, 100], gen).reshape(n, c, 100), Y[idx]
 
             fit(net, tr, batch, epochs=epochs, lr=lr, wd=wd, bs=bs, loss_fn=torch.nn.CrossEntropyLoss(label_smoothing=ls),
                 mixup=mixup, gen=gen)
             with torch.no_grad():
-                p = torch.softmax(net((X[va] - m) / s), 1)
+                xv = (X[va] - m) / s
+                p = torch.softmax(net(torch.cat([xv, (NR[va] - nm) / ns], 1) if norms else xv), 1)
                 if tta_mirror: p = (p + torch.softmax(net((X[va] * SIGN - m) / s), 1)) / 2
             probs_sum = probs_sum + p.numpy()
         p = probs_sum / members

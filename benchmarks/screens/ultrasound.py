@@ -23,7 +23,7 @@ groups = man.dup_group.astype(str).to_numpy(); conflict = man.label_conflict.to_
 IM = np.stack([np.asarray(Image.open(D + p).convert("L").resize((128, 128))) for p in lab.path]).astype(np.float32) / 255
 
 def run(name, model="convnet", params=None, epochs=40, lr=3e-3, wd=0.01, bs=64, aug=None, ls=0.0, mixup=0.0,
-        members=1, exclude=False, size=128, folds=range(5), tta=False):
+        members=1, exclude=False, size=128, folds=range(5), tta=False, save=None):
     params = params or {"widths": [16, 32, 64, 128], "dropout": 0.3}
     aug = {"hflip": True, "shift": 0.06, "brightness": 0.1} if aug is None else aug
     res = []
@@ -48,6 +48,9 @@ def run(name, model="convnet", params=None, epochs=40, lr=3e-3, wd=0.01, bs=64, 
                 lg = ev(X[va]);
                 if tta: lg = (lg + ev(X[va].flip(-1))) / 2
             probs_sum = probs_sum + torch.softmax(lg, 1).numpy()
+            if save:  # each member's probabilities, to score ensembles of any size afterwards
+                __import__("pathlib").Path(save).mkdir(parents=True, exist_ok=True)
+                np.save(f"{save}/{name}-f{f}-m{mem}.npy", torch.softmax(lg, 1).numpy())
         p = probs_sum / members
         fold_figures(name, f, y_all[va], p, labels, t0, res)
     summarise("ultrasound", name, res)
