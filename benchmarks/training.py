@@ -96,6 +96,7 @@ def run_ray(task, data, group, epochs, workdir) -> dict:
             "samples_per_s": round(steady_rows / max(steady_s, 1e-9), 1),
             "data_wait_share": _steady_wait(hist),
             "epochs": len(hist), "epoch_s": [h["seconds"] for h in hist][-3:],
+            "step_s": last.get("step_s"),  # per worker: p50, p90, p99, max of the last epoch's steps
             "val_accuracy": meta["metrics"]["validation"]["accuracy"],
             "phases": {**meta["training"].get("phases", {}), "trainer_s": meta["training"]["seconds"]}}
 
@@ -115,6 +116,7 @@ def run_plain(task, data, group, epochs, workdir) -> dict:
     import torch
 
     from medray.augment import augment_batch, mix
+    from medray.train import step_quantiles
     from medray.models import build_model, preset_arch
     from medray.split import resolve_groups, split_indices
     from medray.tasks import encode_labels, load_preset, read_training_data
@@ -151,10 +153,12 @@ def run_plain(task, data, group, epochs, workdir) -> dict:
     gen = torch.Generator().manual_seed(0)
     t_first, rate = None, 0.0
     for epoch in range(epochs):
+        step_s = []
         model.train()
         order = torch.randperm(len(y_tr), generator=gen)
         t_e, n_rows = None, 0
         for k, lo in enumerate(range(0, len(y_tr), bs)):
+            t_step = time.perf_counter()
             idx = order[lo: lo + bs]
             xb = augment_batch(x_tr[idx], recipe.get("augment") or {}, prep.input_shape, gen)
             yb, y2, lam = y_tr[idx], y_tr[idx], 1.0
@@ -166,6 +170,7 @@ def run_plain(task, data, group, epochs, workdir) -> dict:
             loss.backward()
             opt.step()
             sched.step()
+            step_s.append(time.perf_counter() - t_step)
             if t_first is None:
                 t_first = time.time() - t0
             if k == 0:
@@ -178,7 +183,7 @@ def run_plain(task, data, group, epochs, workdir) -> dict:
             correct = sum(int((model(x_va[i: i + 256]).argmax(1) == y_va[i: i + 256]).sum())
                           for i in range(0, len(y_va), 256))
     return {"wall_s": round(time.time() - t0, 1), "first_step_s": round(t_first, 1), "samples_per_s": round(rate, 1),
-            "val_accuracy": correct / max(1, len(y_va))}
+            "val_accuracy": correct / max(1, len(y_va)), "step_s": step_quantiles(step_s)}
 
 
 def peak_rss_mb() -> float:

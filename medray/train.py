@@ -45,6 +45,14 @@ def _amp_settings(device: torch.device):
     return torch.float16, True
 
 
+def step_quantiles(step_s: list[float]) -> list[float]:
+    """p50, p90, p99 and max of an epoch's step times (seconds): uniform slowness or stalls."""
+    if not step_s:
+        return [0.0, 0.0, 0.0, 0.0]
+    q = np.percentile(np.asarray(step_s), [50, 90, 99, 100])
+    return [round(float(v), 4) for v in q]
+
+
 def train_loop_per_worker(config: dict):
     import logging
 
@@ -102,9 +110,10 @@ def train_loop_per_worker(config: dict):
     for epoch in range(start_epoch, config["epochs"] + 1):
         t0 = time.time()
         model.train()
-        rows, loss_sum, steps, first_step_s = 0, 0.0, 0, None
+        rows, loss_sum, steps, first_step_s, step_s = 0, 0.0, 0, None, []
         tick = StepTicker(config if rank == 0 else {}, epoch)
         for x, y in feed.epoch(epoch):
+            t_step = time.perf_counter()
             steps += 1
             tick(steps)
             if first_step_s is None:
@@ -131,6 +140,7 @@ def train_loop_per_worker(config: dict):
                 scheduler.step()
             rows += len(y)
             loss_sum += float(loss.detach()) * len(y)
+            step_s.append(time.perf_counter() - t_step)
 
         train_s, train_wait = time.time() - t0, feed.wait_s
         average_buffers(model)  # BatchNorm statistics of every shard, the same on every rank
@@ -146,7 +156,7 @@ def train_loop_per_worker(config: dict):
         k = config["n_classes"]
         mine = (np.concatenate(probs) if probs else np.zeros((0, k)), np.concatenate(ys) if ys else np.zeros(0, int),
                 rows, loss_sum, val_loss, ray.get_runtime_context().get_node_id(), train_wait, train_s, steps,
-                first_step_s or 0.0, time.time() - last_report)
+                first_step_s or 0.0, time.time() - last_report, step_quantiles(step_s))
         parts = gather(mine)
         # Report (and checkpoint) every epoch that ends at least `checkpoint_interval_s` after the
         # previous report, and the last one: each report costs a controller round trip (~0.2 s), so
@@ -185,6 +195,9 @@ def train_loop_per_worker(config: dict):
             "first_step_s": round(max(p[9] for p in parts), 3),
             # share of the training steps' wall time spent waiting for the next batch (slowest worker)
             "data_wait_share": round(max(p[6] / max(p[7], 1e-9) for p in parts), 4),
+            # per worker: seconds per training step (augment, forward, backward, gradient exchange,
+            # optimiser; not the wait for data) at the median, 90th, 99th percentile and the slowest
+            "step_s": [p[11] for p in parts],
             "attempt": attempt,
             "resumed_from_epoch": resumed_from if epoch == start_epoch else None,
         }

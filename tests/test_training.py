@@ -31,6 +31,10 @@ def test_two_workers_train_a_bundle_that_beats_the_majority_class(trained, stora
         assert len(h["rows_per_worker"]) == 2
         assert all(abs(r - n_train / 2) <= 0.05 * n_train for r in h["rows_per_worker"]), h["rows_per_worker"]
         assert sum(h["rows_per_worker"]) <= n_train
+        # step times per worker: p50 <= p90 <= p99 <= max, all within the epoch's training time
+        assert len(h["step_s"]) == 2, h["step_s"]
+        for q in h["step_s"]:
+            assert 0 < q[0] <= q[1] <= q[2] <= q[3] <= h["train_seconds"], (q, h["train_seconds"])
     # checkpoints in the storage path: the last epoch's, and every epoch's that took over the
     # checkpoint interval (1 s); shorter epochs are checkpointed in groups
     ckpts = sorted((storage / f"test-{task}").glob("checkpoint_*/checkpoint.json"))
