@@ -47,11 +47,16 @@ logger = logging.getLogger("ray.serve")
 
 BATCH_HEADER = "X-Medray-Batch-Size"  # instances in the forward pass that served this request
 RETRY_AFTER_S = 1
-# Image requests with this many images skip batching in the ingress: they fill a forward pass on
-# their own, and separate calls let the router spread them over replicas of the (heavy) image model.
-# Measured: this tripled 64-image throughput at concurrency 8, while the same rule for the light
-# tabular and sequence models cut their 64-instance throughput by half or more (the extra hops cost
-# more than their forward passes), so those always batch in the ingress.
+# Image requests with this many images skip batching in the ingress when the ingress holds no copy
+# of the image model: they fill a forward pass on their own, and separate calls let the router spread
+# them over the model's replicas. Measured: this tripled 64-image throughput at concurrency 8 (the
+# 128×128 model, 2026-12-03), while the same rule for the light tabular and sequence models cut
+# their 64-instance throughput by half or more (the extra hops cost more than their forward passes),
+# so those always batch in the ingress. With the ingress's own copy (`local_models`) and the
+# channels-last 64×64 network, batching wins for images too (2026-12-07, 64 images per request,
+# images/s: concurrency 64 730 / 740 against 656 / 390 with direct calls; concurrency 8 561 / 663
+# against 535 / 625; docs/serving.md), so there they batch: the queue feeds the ingress's copy when
+# it is idle and the model's replicas otherwise.
 DIRECT_CALL_IMAGES = 32
 # A request for a light model held in the ingress (`local_models`) with at most this many instances
 # runs its forward pass on the event loop: shorter than the hand-over to the forward thread and back
@@ -272,7 +277,8 @@ async def run_model(gateway, task: str, info: dict, inputs) -> tuple[np.ndarray,
     the one way from a route to a model, for every protocol. Raises RequestError 503 when the
     model cannot answer now; counts the predictions (instances, labels) in the metrics."""
     try:
-        if task == "ultrasound" and len(inputs) >= DIRECT_CALL_IMAGES:  # its own call, to any replica
+        if task == "ultrasound" and task not in gateway.local and len(inputs) >= DIRECT_CALL_IMAGES:
+            # its own call, to any replica
             probs, batch = await call_model(gateway.models[task], task, inputs)
         elif await gateway._alone(task, len(inputs)):  # a lone small request: no batch queue
             probs, batch = await gateway.local[task].forward(inputs, inline=True), len(inputs)

@@ -202,9 +202,10 @@ def _running(deployment: str) -> int:
 def test_sustained_load_scales_ultrasound_up_and_back_down(app):
     client, _ = app
     assert _running("ultrasound") == 1
-    # Requests of DIRECT_CALL_IMAGES images each go to the model's deployment as their own call. Single
-    # images would be batched in the ingress and mostly answered by its own copy (`local_models`) once
-    # the model is light (64×64 since 2026-12-05): that load never reaches the deployment's replicas.
+    # Requests of DIRECT_CALL_IMAGES images from 12 clients: the ingress batches them and its own copy
+    # (`local_models`) answers one batch at a time; the batches that arrive while it is busy go to the
+    # model's deployment, whose replicas must then scale up. (Single images are mostly answered by the
+    # ingress's copy alone, 64×64 since 2026-12-05: that load would never reach the deployment.)
     from serve.gateway import DIRECT_CALL_IMAGES
 
     buf = io.BytesIO()
