@@ -116,10 +116,10 @@ def run_plain(task, data, group, epochs, workdir) -> dict:
     import torch
 
     from medray.augment import augment_batch, mix
-    from medray.train import step_quantiles
     from medray.models import build_model, preset_arch
     from medray.split import resolve_groups, split_indices
     from medray.tasks import encode_labels, load_preset, read_training_data
+    from medray.train import step_quantiles
 
     t0 = time.time()
     preset = load_preset(task)

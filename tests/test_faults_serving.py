@@ -433,6 +433,32 @@ def test_a_model_error_is_not_retried(monkeypatch):
     assert handle.calls == 1
 
 
+def test_big_image_requests_batch_in_an_ingress_that_holds_the_model_and_call_it_directly_otherwise():
+    """Requests of DIRECT_CALL_IMAGES images: their own handle call when the ingress holds no copy of
+    the image model; through the ingress batch queue (which feeds its copy) when it does."""
+    from serve.gateway import DIRECT_CALL_IMAGES, run_model
+
+    class Stub:
+        def __init__(self, local):
+            self.models = {"ultrasound": FakeHandle(lambda x: (np.full((len(x), 2), 0.5), len(x)))}
+            self.local, self.batched = local, 0
+
+        async def _alone(self, task, n):
+            return False
+
+        async def _batched(self, task, inputs):
+            self.batched += 1
+            return np.full((len(inputs), 2), 0.5), len(inputs)
+
+    images = [np.zeros((8, 8), np.float32)] * DIRECT_CALL_IMAGES
+    info = {"labels": ["a", "b"]}
+    for local, direct in (({}, True), ({"ultrasound": object()}, False)):
+        gw = Stub(local)
+        probs, batch = asyncio.run(run_model(gw, "ultrasound", info, images))
+        assert probs.shape == (DIRECT_CALL_IMAGES, 2) and batch == DIRECT_CALL_IMAGES
+        assert (gw.models["ultrasound"].calls, gw.batched) == ((1, 0) if direct else (0, 1)), local
+
+
 def test_replicas_dead_on_every_attempt_answer_503_with_retry_after(monkeypatch):
     import serve.app as app
 
