@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -28,6 +29,9 @@ from medray.errors import MedrayError
 from serve import metrics
 
 logger = logging.getLogger("ray.serve")
+
+
+SWITCH_INTERVAL_S = 0.001  # sys.setswitchinterval in a process that runs forward passes beside its event loop
 
 
 class ModelUnavailable(Exception):
@@ -100,6 +104,7 @@ class LoadedModel:
 class ModelServer:
     def __init__(self, bundle_path: str, task: str | None = None):
         undo_worker_niceness()
+        favour_forward_thread()
         self.model = LoadedModel(bundle_path, task)
 
     def reconfigure(self, config: dict) -> None:
@@ -170,6 +175,14 @@ def load_for_serving(path: str, task: str | None):
     if torch.cuda.is_available():  # a replica given num_gpus sees its GPU
         bundle.to("cuda")
     return bundle, None
+
+
+def favour_forward_thread() -> None:
+    """In a replica that runs forward passes on a thread beside its event loop: a shorter GIL
+    switch interval. The forward thread needs the GIL back after every operator; while the event
+    loop runs Python it waits up to the switch interval each time (5 ms by default), so a pass of a
+    few dozen operators stalled for tens of milliseconds under load (docs/serving.md)."""
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 def undo_worker_niceness() -> None:

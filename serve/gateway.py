@@ -39,7 +39,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from medray import __version__
 from serve import metrics
 from serve import security as security_config
-from serve.deployments import LoadedModel, ModelUnavailable, concat, split, undo_worker_niceness
+from serve.deployments import (
+    LoadedModel,
+    ModelUnavailable,
+    concat,
+    favour_forward_thread,
+    split,
+    undo_worker_niceness,
+)
 from serve.inputs import Limits, RequestError
 from serve.security import PUBLIC_PATHS, SecurityConfig, SecurityMiddleware, note
 
@@ -316,6 +323,8 @@ class GatewayBase:
         self._info: dict[str, dict] = {}
         # {task: LoadedModel}: light models this replica also holds (serve/config.yaml `local_models`)
         self.local = {task: LoadedModel(path, task) for task, path in (local_models or {}).items()}
+        if self.local:
+            favour_forward_thread()
         self._arrivals: Counter[str] = Counter()  # requests per model that reached `run_model` (`_alone`)
         self._batching: Counter[str] = Counter()  # ... and are on the batch path now
         self._woken: dict[str, asyncio.Task] = {}  # local model -> its deployment's wake-up call (`_wake`)

@@ -35,6 +35,24 @@ def test_round_trip_same_predictions_without_ray(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary directory left behind
 
 
+def test_predictions_run_in_passes_of_chunk_rows_with_the_same_answers(tmp_path, monkeypatch):
+    """`predict` runs INFERENCE_CHUNK_ELEMENTS input values per forward pass; the answers do not
+    depend on how the rows are split."""
+    import medray.bundle
+
+    path, *_, x = _bundle(tmp_path)  # 20 rows of 5 features
+    b = load_bundle(path)
+    whole = b.predict_arrays(b.preprocessor.transform(x), batch_size=len(x))
+    monkeypatch.setattr(medray.bundle, "INFERENCE_CHUNK_ELEMENTS", 5 * 7)
+    assert b.chunk_rows == 7
+    passes = []
+    hook = b.model.register_forward_hook(lambda m, args, out: passes.append(len(args[0])))
+    got = b.predict(x)
+    hook.remove()
+    assert passes == [7, 7, 6]
+    assert np.allclose(got, whole, atol=1e-6)
+
+
 def test_rewrite_replaces_atomically(tmp_path):
     path, *_ = _bundle(tmp_path)
     first = json.loads((path / "bundle.json").read_text())["weights"]["sha256"]
