@@ -69,6 +69,16 @@ DIRECT_CALL_IMAGES = 32
 # runs its forward pass on the event loop: shorter than the hand-over to the forward thread and back
 # (images always go to the thread: one takes milliseconds).
 INLINE_INSTANCES = {"exercise": 8, "genomic": 8}
+# Forward passes the ingress's copy of a model takes at once (one running, the rest waiting for its
+# thread) before batches go to the model's replicas; models not listed: 1 (only an idle copy). For
+# these, ingress batches are also capped at about one forward pass (`_size_batches`), so that the
+# event loop parses the next requests while the copy's thread runs a pass. Measured 2026-12-07 in
+# one ingress, switched on and off every 5 s (8 pairs, docs/serving.md): genomic, 64 sequences per
+# request at concurrency 64, 1.34× the sequences/s (8 of 8 pairs); exercise, 64 windows per request,
+# 0.96× (2 of 8): its passes are long enough that a busy copy does better handing them to the
+# replicas, which bring another core.
+LOCAL_QUEUE = {"genomic": 2}
+INGRESS_BATCH_REQUESTS = 64  # requests per ingress batch, at most
 
 
 # --------------------------------------------------------------------------- the FastAPI app
@@ -325,9 +335,13 @@ class GatewayBase:
         self.local = {task: LoadedModel(path, task) for task, path in (local_models or {}).items()}
         if self.local:
             favour_forward_thread()
+        if self.local:
+            favour_forward_thread()
         self._arrivals: Counter[str] = Counter()  # requests per model that reached `run_model` (`_alone`)
         self._batching: Counter[str] = Counter()  # ... and are on the batch path now
         self._woken: dict[str, asyncio.Task] = {}  # local model -> its deployment's wake-up call (`_wake`)
+        self._per_request: dict[str, float] = {}  # running mean of instances per batched request (`_size_batches`)
+        self._batch_cap: dict[str, int] = {}  # the requests per ingress batch set from it
 
     # ---- model metadata (fetched from the replicas, so it is what they actually loaded)
 
@@ -393,37 +407,56 @@ class GatewayBase:
 
     async def _batched(self, task: str, inputs) -> tuple[np.ndarray, int]:
         """`inputs` through the model's batch queue, counted in `_batching` while there."""
+        if task in LOCAL_QUEUE:
+            self._size_batches(task, len(inputs))
         self._batching[task] += 1
         try:
             return await getattr(self, f"_batch_{task}")(inputs)
         finally:
             self._batching[task] -= 1
 
+    def _size_batches(self, task: str, n: int) -> None:
+        """Cap the requests per ingress batch at about one forward pass of the local copy
+        (`Bundle.chunk_rows` instances, over a running mean of the instances per request): 64
+        requests of one sequence, 17 of 64. A batch of every waiting request left the event loop
+        idle during the pass (each client was waiting on it) and the copy's thread idle while the
+        loop parsed the next round."""
+        local = self.local.get(task)
+        if local is None or local.bundle is None:
+            return
+        mean = self._per_request[task] = 0.9 * self._per_request.get(task, n) + 0.1 * n
+        cap = max(1, min(INGRESS_BATCH_REQUESTS, int(local.bundle.chunk_rows / max(mean, 1.0))))
+        if cap != self._batch_cap.get(task, INGRESS_BATCH_REQUESTS):
+            getattr(self, f"_batch_{task}").set_max_batch_size(cap)
+            self._batch_cap[task] = cap
+
     # ---- batching in the ingress: concurrent requests for a model share one handle call
     # (the model replica batches again across ingress replicas). A handle call costs far more
     # than parsing a small request, so without this the ingress → model hop caps throughput.
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, max_concurrent_batches=4)
+    @serve.batch(max_batch_size=INGRESS_BATCH_REQUESTS, batch_wait_timeout_s=0.0, max_concurrent_batches=4)
     async def _batch_exercise(self, items: list) -> list:
         return await self._forward("exercise", items)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, max_concurrent_batches=4)
+    @serve.batch(max_batch_size=INGRESS_BATCH_REQUESTS, batch_wait_timeout_s=0.0, max_concurrent_batches=4)
     async def _batch_ultrasound(self, items: list) -> list:
         return await self._forward("ultrasound", items)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, max_concurrent_batches=4)
+    @serve.batch(max_batch_size=INGRESS_BATCH_REQUESTS, batch_wait_timeout_s=0.0, max_concurrent_batches=4)
     async def _batch_genomic(self, items: list) -> list:
         return await self._forward("genomic", items)
 
     async def _forward(self, task: str, items: list) -> list:
         """One forward pass for a batch of requests: by this replica's copy of the model when it
-        holds one and it is idle (no hop: a lone request costs what it costs a plain server), else
-        by the model's deployment (its replicas add cores when requests come faster than one
-        forward pass at a time answers them)."""
+        holds one and it is idle, or has fewer than LOCAL_QUEUE passes under way or waiting (no
+        hop: a lone request costs what it costs a plain server), else by the model's deployment
+        (its replicas add cores when requests come faster than one forward pass at a time answers
+        them)."""
         joined = concat(items)
         local = self.local.get(task)
-        if local is not None and local.idle:
-            probs, batch = await local.forward(joined, inline=len(joined) <= INLINE_INSTANCES.get(task, 0)), len(joined)
+        if local is not None and local.bundle is not None and local.busy < LOCAL_QUEUE.get(task, 1):
+            inline = local.idle and len(joined) <= INLINE_INSTANCES.get(task, 0)  # never beside the thread's pass
+            probs, batch = await local.forward(joined, inline=inline), len(joined)
         else:
             probs, batch = await call_model(self.models[task], task, joined)
         return split(probs, [len(x) for x in items], batch)

@@ -357,6 +357,7 @@ class _Gateway:
         from serve.app import Gateway
 
         self.models, self.local, self._cls = handles, dict(local or {}), Gateway.func_or_class
+        self._batch_exercise = self._cls._batch_exercise  # what `_size_batches` resizes
 
     async def _forward(self, task, items):
         return await self._cls._forward(self, task, items)
@@ -414,6 +415,66 @@ def test_the_ingress_copy_of_a_light_model_answers_while_idle_and_the_replicas_w
     busy, p = asyncio.run(go())
     assert busy == 1 and handle.calls == 1 and np.allclose(p, expected, atol=1e-6)
     assert local.busy == 0
+
+
+def test_a_light_model_queues_for_the_ingress_copy_up_to_local_queue_passes(tmp_path, monkeypatch):
+    """LOCAL_QUEUE: for a model listed there, batches wait for the ingress's copy while fewer than
+    that many of its passes are under way or waiting; the next goes to the model's deployment."""
+    from test_bundle import _bundle
+
+    import serve.gateway
+    from serve.deployments import LoadedModel
+
+    monkeypatch.setattr(serve.gateway, "LOCAL_QUEUE", {"exercise": 2})
+    path, _, _, x = _bundle(tmp_path)
+    local = LoadedModel(path, "exercise")
+    expected = local.bundle.predict(x)
+    handle = FakeHandle(lambda inputs: (local.bundle.predict(inputs), len(inputs)))
+    gw = _Gateway({"exercise": handle}, {"exercise": local})
+
+    async def go():
+        first = asyncio.create_task(gw._forward("exercise", [x]))  # 20 rows: on the forward thread
+        await asyncio.sleep(0)
+        second = asyncio.create_task(gw._forward("exercise", [x]))  # waits for the copy's thread
+        await asyncio.sleep(0)
+        queued = local.busy
+        third = await gw._forward("exercise", [x])  # the copy's queue is full: the deployment
+        return queued, [await first, await second, third]
+
+    queued, answers = asyncio.run(go())
+    assert queued == 2 and handle.calls == 1 and local.busy == 0
+    for (p, batch), in answers:
+        assert batch == len(x) and np.allclose(p, expected, atol=1e-6)
+
+
+def test_ingress_batches_hold_about_one_forward_pass_of_its_copy(tmp_path, monkeypatch):
+    """`_size_batches`: the requests per ingress batch follow the instances per request, so that a
+    batch is about `Bundle.chunk_rows` instances (64 requests of one instance; a few of 64)."""
+    from test_bundle import _bundle
+
+    import medray.bundle
+    from serve.deployments import LoadedModel
+    from serve.gateway import INGRESS_BATCH_REQUESTS, GatewayBase
+
+    path, _, _, _ = _bundle(tmp_path)  # 5 features per row
+    monkeypatch.setattr(medray.bundle, "INFERENCE_CHUNK_ELEMENTS", 5 * 640)
+    local = LoadedModel(path, "exercise")
+    assert local.bundle.chunk_rows == 640
+
+    gw = _Gateway({}, {"exercise": local})
+    gw._per_request, gw._batch_cap = {}, {}
+    cap = GatewayBase._batch_exercise._get_max_batch_size
+    try:
+        GatewayBase._size_batches(gw, "exercise", 1)
+        assert cap() == INGRESS_BATCH_REQUESTS
+        for _ in range(60):  # a run of 64-instance requests
+            GatewayBase._size_batches(gw, "exercise", 64)
+        assert cap() == 640 // 64  # 10 requests of 64 instances
+        for _ in range(60):
+            GatewayBase._size_batches(gw, "exercise", 1)
+        assert cap() == INGRESS_BATCH_REQUESTS
+    finally:
+        GatewayBase._batch_exercise.set_max_batch_size(INGRESS_BATCH_REQUESTS)
 
 
 def test_a_model_error_is_not_retried(monkeypatch):
