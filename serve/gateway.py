@@ -76,7 +76,8 @@ INLINE_INSTANCES = {"exercise": 8, "genomic": 8}
 # one ingress, switched on and off every 5 s (8 pairs, docs/serving.md): genomic, 64 sequences per
 # request at concurrency 64, 1.34× the sequences/s (8 of 8 pairs); exercise, 64 windows per request,
 # 0.96× (2 of 8): its passes are long enough that a busy copy does better handing them to the
-# replicas, which bring another core.
+# replicas, which bring another core. "Off" had the 2^18-value passes and the 1 ms switch interval
+# (serve/deployments.py) in: with all three, whole benchmark runs match the code before them.
 LOCAL_QUEUE = {"genomic": 2}
 INGRESS_BATCH_REQUESTS = 64  # requests per ingress batch, at most
 
