@@ -336,8 +336,6 @@ class GatewayBase:
         self.local = {task: LoadedModel(path, task) for task, path in (local_models or {}).items()}
         if self.local:
             favour_forward_thread()
-        if self.local:
-            favour_forward_thread()
         self._arrivals: Counter[str] = Counter()  # requests per model that reached `run_model` (`_alone`)
         self._batching: Counter[str] = Counter()  # ... and are on the batch path now
         self._woken: dict[str, asyncio.Task] = {}  # local model -> its deployment's wake-up call (`_wake`)
