@@ -5,6 +5,7 @@ the verdict: a recipe it favours is adopted in medray/presets/ with the figures,
 `medray cv` (benchmarks/model_selection.py). Results append to benchmarks/results/screen_ultrasound.jsonl.
 
     .venv/bin/python benchmarks/screens/ultrasound.py 'run("s64-mixup", size=64, mixup=0.2)'
+    .venv/bin/python benchmarks/screens/ultrasound.py 'run_joint("joint-halves")'
 """
 import sys, time
 import numpy as np, pandas as pd, torch
@@ -55,6 +56,56 @@ def run(name, model="convnet", params=None, epochs=40, lr=3e-3, wd=0.01, bs=64, 
         fold_figures(name, f, y_all[va], p, labels, t0, res)
     summarise("ultrasound", name, res)
 
+
+def run_joint(name, halves=2, own=False, members=3, epochs=40, lr=3e-3, wd=0.01, bs=64, size=64, mixup=0.2,
+              folds=range(5)):
+    """The ensemble as `medray train` trains it: members side by side on the same batches, one loss
+    each (`Ensemble.forward(x, members=True)`), each batch split in `halves` as `halves` DDP workers
+    split it (their own BatchNorm statistics, augmentation and mixup; gradients averaged). With
+    `own`, each member draws its own augmentation and mixup of the rows (as `run`'s separately
+    trained members do)."""
+    from medray.augment import mix
+
+    aug = {"hflip": True, "shift": 0.06, "brightness": 0.1}
+    res = []
+    for f in folds:
+        t0 = time.time()
+        tr, va = split_indices(lab.label.to_numpy(), groups, 0.2, 0, fold=(5, f))
+        X = torch.nn.functional.interpolate(torch.from_numpy(IM)[:, None], size=(size, size), mode="area")[:, 0]
+        m, s = X[tr].mean(), X[tr].std()
+        X, Y = ((X - m) / s)[:, None], torch.from_numpy(y_all)
+        cnt = np.bincount(y_all[tr], minlength=3)
+        loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(len(tr) / (3 * cnt), dtype=torch.float32))
+        torch.manual_seed(0); gen = torch.Generator().manual_seed(1000)
+        member = {"name": "convnet", "params": {"widths": [16, 32, 64, 128], "dropout": 0.3}}
+        net = build_model({"name": "ensemble", "params": {"members": members, "member": member}}, [1, size, size], 3)
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=wd)
+        spe = -(-len(tr) // bs)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * spe)
+
+        def blended(z, y1, y2, lam):
+            return lam * loss_fn(z, y1) + (1 - lam) * loss_fn(z, y2)
+
+        for ep in range(epochs):
+            net.train()
+            perm = torch.randperm(len(tr), generator=gen)
+            for i in range(spe):
+                loss = 0
+                for part in torch.from_numpy(tr)[perm[i * bs:(i + 1) * bs]].chunk(halves):
+                    if own:
+                        views = [mix(augment_batch(X[part], aug, [1, size, size], gen), Y[part], mixup, gen)
+                                 for _ in range(members)]
+                        total = sum(blended(mem(v[0]), *v[1:]) for mem, v in zip(net.members, views))
+                    else:
+                        xa, y1, y2, lam = mix(augment_batch(X[part], aug, [1, size, size], gen), Y[part], mixup, gen)
+                        total = torch.stack([blended(z, y1, y2, lam) for z in net(xa, members=True)]).sum()
+                    loss = loss + total / halves
+                opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+        net.eval()
+        with torch.no_grad():
+            p = torch.softmax(net(X[va]), 1).numpy()
+        fold_figures(name, f, y_all[va], p, labels, t0, res)
+    summarise("ultrasound", name, res)
 
 if __name__ == "__main__":
     exec(sys.argv[1])
