@@ -12,9 +12,11 @@ from medray.metrics import classification_metrics
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
-def fit(net, tr, batch, *, epochs, lr, wd, bs, loss_fn, mixup, gen):
+def fit(net, tr, batch, *, epochs, lr, wd, bs, loss_fn, mixup, gen, halves=1):
     """Train one member: AdamW, cosine schedule per step, a seeded shuffle per epoch; `batch(idx)`
-    gives a step's (augmented) inputs and labels; mixup blends pairs and their losses alike."""
+    gives a step's (augmented) inputs and labels; mixup blends pairs and their losses alike. With
+    `halves`, each step's rows go through the network in that many parts (their own BatchNorm
+    statistics and mixup pairs) and the parts' losses are averaged: what as many DDP workers do."""
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=wd)
     spe = -(-len(tr) // bs)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * spe)
@@ -22,14 +24,16 @@ def fit(net, tr, batch, *, epochs, lr, wd, bs, loss_fn, mixup, gen):
         net.train()
         perm = torch.randperm(len(tr), generator=gen)
         for i in range(spe):
-            x, yb = batch(torch.from_numpy(tr)[perm[i * bs:(i + 1) * bs]])
-            if mixup:
-                lam = float(np.random.default_rng(ep * 1000 + i).beta(mixup, mixup))
-                p2 = torch.randperm(len(yb), generator=gen)
-                out = net(lam * x + (1 - lam) * x[p2])
-                loss = lam * loss_fn(out, yb) + (1 - lam) * loss_fn(out, yb[p2])
-            else:
-                loss = loss_fn(net(x), yb)
+            loss = 0
+            for part in torch.from_numpy(tr)[perm[i * bs:(i + 1) * bs]].chunk(halves):
+                x, yb = batch(part)
+                if mixup:
+                    lam = float(np.random.default_rng(ep * 1000 + i).beta(mixup, mixup))
+                    p2 = torch.randperm(len(yb), generator=gen)
+                    out = net(lam * x + (1 - lam) * x[p2])
+                    loss = loss + (lam * loss_fn(out, yb) + (1 - lam) * loss_fn(out, yb[p2])) / halves
+                else:
+                    loss = loss + loss_fn(net(x), yb) / halves
             opt.zero_grad(); loss.backward(); opt.step(); sched.step()
     return net.eval()
 

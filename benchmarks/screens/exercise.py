@@ -27,8 +27,25 @@ def norm_channels(raw):
     return torch.cat([raw[:, 0:3].norm(dim=1, keepdim=True), raw[:, 3:6].norm(dim=1, keepdim=True)], 1)
 
 
+class JointLoss(torch.nn.Module):
+    """An Ensemble trained as `medray train` trains it: the members' logits side by side, (N, members ×
+    classes), for `joint_loss`, the sum of the members' losses."""
+
+    def __init__(self, ensemble):
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, x):
+        return torch.cat(list(self.ensemble(x, members=True)), dim=1)
+
+
+def joint_loss(base):
+    return lambda out, y: sum(base(z, y) for z in out.split(len(labels), dim=1))
+
+
 def run(name, params=None, epochs=30, lr=1e-3, wd=1e-4, bs=128, aug=None, ls=0.0, members=3, mirror=0.0,
-        rotate=0.0, inorm=False, folds=range(5), mixup=0.0, tta_mirror=False, norms=False):
+        rotate=0.0, inorm=False, folds=range(5), mixup=0.0, tta_mirror=False, norms=False, save=None, halves=1,
+        joint=False):
     params = params or {"channels": [32, 64, 64], "kernel_size": 7, "dropout": 0.3, "pool": 2}
     aug = {"time_shift": 0.5, "scale": 0.1} if aug is None else aug
     res = []
@@ -41,9 +58,13 @@ def run(name, params=None, epochs=30, lr=1e-3, wd=1e-4, bs=128, aug=None, ls=0.0
         m, s = X[tr].mean((0, 2), keepdim=True), X[tr].std((0, 2), keepdim=True)
         Y = torch.from_numpy(y_all)
         probs_sum = 0
-        for mem in range(members):
+        # joint: the members as `medray train` trains them, one Ensemble (side by side on the same
+        # batches, one loss each, each member's probabilities kept), else one independent run each
+        for mem in range(1 if joint else members):
             torch.manual_seed(mem); gen = torch.Generator().manual_seed(1000 + mem)
-            net = build_model({"name": "cnn1d", "params": params}, [8 if norms else 6, 100], 7)
+            member = {"name": "cnn1d", "params": params}
+            net = build_model({"name": "ensemble", "params": {"members": members, "member": member}} if joint else member,
+                              [8 if norms else 6, 100], 7)
 
             def batch(idx):
                 x, n = X[idx].clone(), len(idx)
@@ -57,14 +78,19 @@ def run(name, params=None, epochs=30, lr=1e-3, wd=1e-4, bs=128, aug=None, ls=0.0
                 c = x.shape[1]
                 return augment_batch(x.reshape(n, -1), aug, [c, 100], gen).reshape(n, c, 100), Y[idx]
 
-            fit(net, tr, batch, epochs=epochs, lr=lr, wd=wd, bs=bs, loss_fn=torch.nn.CrossEntropyLoss(label_smoothing=ls),
-                mixup=mixup, gen=gen)
+            fit(JointLoss(net) if joint else net, tr, batch, epochs=epochs, lr=lr, wd=wd, bs=bs,
+                loss_fn=(joint_loss if joint else (lambda f: f))(torch.nn.CrossEntropyLoss(label_smoothing=ls)),
+                mixup=mixup, gen=gen, halves=halves)
+            net.eval()
             with torch.no_grad():
                 xv = (X[va] - m) / s
                 p = torch.softmax(net(torch.cat([xv, (NR[va] - nm) / ns], 1) if norms else xv), 1)
                 if tta_mirror: p = (p + torch.softmax(net((X[va] * SIGN - m) / s), 1)) / 2
             probs_sum = probs_sum + p.numpy()
-        p = probs_sum / members
+            if save:  # each member's probabilities, to score ensembles of any size (and their seed spread)
+                __import__("pathlib").Path(save).mkdir(parents=True, exist_ok=True)
+                np.save(f"{save}/{name}-f{f}-m{mem}.npy", p.numpy())
+        p = probs_sum / (1 if joint else members)
         fold_figures(name, f, y_all[va], p, labels, t0, res)
     summarise("exercise", name, res)
 
