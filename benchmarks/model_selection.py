@@ -48,6 +48,7 @@ CANDIDATES = [
     ("exercise", "cnn1d", {"ensemble": 1}),
     ("exercise", "cnn1d", {"train": {"batch_size": 64}}),  # the default before 2026-12-06 (now 16)
     ("exercise", "cnn1d", {"train": {"batch_size": 32}}),
+    ("exercise", "cnn1d", {"preprocessing": {"per_channel": True, "center_windows": True}}),
     ("ultrasound", "convnet", {}),
     ("ultrasound", "convnet", {"ensemble": 1}),
     ("ultrasound", "convnet", {"train": {"batch_size": 16}}),

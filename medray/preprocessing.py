@@ -79,30 +79,46 @@ class Moments:
 
 class StandardScaler:
     """Feature standardisation (exercise). With `per_channel` and a time-series layout, one
-    mean/std per sensor channel (shared over time steps); otherwise one per feature."""
+    mean/std per sensor channel (shared over time steps); otherwise one per feature. With
+    `center_windows` (time series only), each window's own mean over time is first subtracted from
+    each of its channels (a sensor's offset: gravity's share on each accelerometer axis, which
+    depends on how the watch sits on the arm), then the per-channel scaling applies."""
 
     kind = "standard_scaler"
 
-    def __init__(self, feature_names, mean, std, layout=None, per_channel=False):
+    def __init__(self, feature_names, mean, std, layout=None, per_channel=False, center_windows=False):
         self.feature_names = list(feature_names)
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
         self.layout = layout
         self.per_channel = bool(per_channel)
+        self.center_windows = bool(center_windows)
+        if self.center_windows and not layout:
+            raise ValueError("center_windows needs channel-major time-series features (e.g. ax_000 … wz_099)")
 
     @staticmethod
-    def moment_columns(x: np.ndarray, feature_names, per_channel=False) -> np.ndarray:
+    def centred(x: np.ndarray, layout: dict) -> np.ndarray:
+        """Rows (n, channels × steps) with each window's per-channel mean over time subtracted."""
+        c, t = len(layout["channels"]), layout["steps"]
+        w = x.reshape(len(x), c, t)
+        return (w - w.mean(axis=2, keepdims=True)).reshape(len(x), c * t)
+
+    @staticmethod
+    def moment_columns(x: np.ndarray, feature_names, per_channel=False, center_windows=False) -> np.ndarray:
         """The columns whose moments the scaler is fitted from: the features, or with
-        `per_channel` and a time-series layout, one column per channel (all its time steps)."""
+        `per_channel` and a time-series layout, one column per channel (all its time steps);
+        with `center_windows`, of the centred windows."""
         layout = detect_layout(list(feature_names))
         x = np.asarray(x, dtype=np.float64)
+        if center_windows and layout:
+            x = StandardScaler.centred(x, layout)
         if per_channel and layout:
             c, t = len(layout["channels"]), layout["steps"]
             return x.reshape(len(x), c, t).transpose(0, 2, 1).reshape(-1, c)
         return x
 
     @classmethod
-    def from_moments(cls, moments: Moments, feature_names, per_channel=False):
+    def from_moments(cls, moments: Moments, feature_names, per_channel=False, center_windows=False):
         """The scaler fitted on rows whose `moment_columns` have `moments` (merged on the cluster)."""
         layout = detect_layout(list(feature_names))
         per_channel = bool(per_channel and layout)
@@ -110,12 +126,12 @@ class StandardScaler:
         if per_channel:
             mean, std = np.repeat(mean, layout["steps"]), np.repeat(std, layout["steps"])
         std = np.where(std < 1e-8, 1.0, std)
-        return cls(feature_names, mean, std, layout, per_channel)
+        return cls(feature_names, mean, std, layout, per_channel, center_windows)
 
     @classmethod
-    def fit(cls, x: np.ndarray, feature_names, per_channel=False):
-        return cls.from_moments(Moments.of(cls.moment_columns(x, feature_names, per_channel)), feature_names,
-                                per_channel)
+    def fit(cls, x: np.ndarray, feature_names, per_channel=False, center_windows=False):
+        columns = cls.moment_columns(x, feature_names, per_channel, center_windows)
+        return cls.from_moments(Moments.of(columns), feature_names, per_channel, center_windows)
 
     @property
     def input_shape(self) -> list[int]:
@@ -127,6 +143,8 @@ class StandardScaler:
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != len(self.feature_names):
             raise ValueError(f"expected {len(self.feature_names)} features per row, got shape {x.shape}")
+        if self.center_windows:
+            x = self.centred(x, self.layout)
         return ((x - self.mean) / self.std).astype(np.float32)
 
     def to_dict(self) -> dict:
@@ -137,6 +155,7 @@ class StandardScaler:
             "std": self.std.tolist(),
             "layout": self.layout,
             "per_channel": self.per_channel,
+            "center_windows": self.center_windows,
         }
 
 
@@ -235,7 +254,8 @@ class SequenceEncoder:
 def preprocessor_from_dict(d: dict):
     kind = d.get("kind")
     if kind == StandardScaler.kind:
-        return StandardScaler(d["feature_names"], d["mean"], d["std"], d.get("layout"), d.get("per_channel", False))
+        return StandardScaler(d["feature_names"], d["mean"], d["std"], d.get("layout"), d.get("per_channel", False),
+                              d.get("center_windows", False))
     if kind == ImageNormalizer.kind:
         return ImageNormalizer(d["size"], d["mean"], d["std"])
     if kind == SequenceEncoder.kind:

@@ -69,8 +69,9 @@ def fit_preprocessor(task: str, source, keys, train_idx: np.ndarray, preset: dic
     rows = keys.rows.iloc[train_idx]
     if task == "exercise":
         per_channel = preset["preprocessing"].get("per_channel", False)
-        moments = fit_table_moments(source, keys.keys[train_idx], per_channel)
-        return StandardScaler.from_moments(moments, source.feature_names, per_channel)
+        center = preset["preprocessing"].get("center_windows", False)
+        moments = fit_table_moments(source, keys.keys[train_idx], per_channel, center)
+        return StandardScaler.from_moments(moments, source.feature_names, per_channel, center)
     if task == "ultrasound":
         moments = Moments.merge(rows["_n"].to_numpy(), rows["_mean"].to_numpy(), rows["_m2"].to_numpy())
         return ImageNormalizer.from_moments(moments, size=preset["preprocessing"].get("size", 128))

@@ -77,6 +77,20 @@ def test_table_bad_rows_missing_column_and_moments(ray_session, tmp_path):
     m = pipeline.fit_table_moments(src, keys.keys[tr], per_channel=False)
     ref = StandardScaler.fit(df[["a", "b", "c", "d"]].to_numpy()[tr], ["a", "b", "c", "d"])
     assert np.allclose(StandardScaler.from_moments(m, ["a", "b", "c", "d"]).std, ref.std, atol=1e-6)
+    series = pd.DataFrame(rng.normal(0, 1, (50, 16)) + rng.normal(0, 4, (50, 2)).repeat(8, axis=1),
+                          columns=[f"{c}_{t:03d}" for c in ("ax", "ay") for t in range(8)])
+    series["label"] = ["x", "y"] * 25
+    series.to_csv(tmp_path / "series.csv", index=False)
+    s_src = pipeline.open_source("exercise", str(tmp_path / "series.csv"))
+    s_keys = pipeline.read_keys(s_src)
+    for centre in (False, True):  # fitted on the cluster, as in this process
+        m = pipeline.fit_table_moments(s_src, s_keys.keys[tr], per_channel=True, center_windows=centre)
+        ref = StandardScaler.fit(series.drop(columns="label").to_numpy()[tr], s_src.feature_names, per_channel=True,
+                                 center_windows=centre)
+        got = StandardScaler.from_moments(m, s_src.feature_names, per_channel=True, center_windows=centre)
+        assert np.allclose(got.mean, ref.mean, atol=1e-6) and np.allclose(got.std, ref.std, atol=1e-6)
+    assert got.std[0] < 0.5 * StandardScaler.fit(series.drop(columns="label").to_numpy()[tr], s_src.feature_names,
+                                                 per_channel=True).std[0]  # the offsets no longer count
     df["b"] = df["b"].astype(object)
     df.loc[3, "b"] = "oops"
     df.loc[9, "label"] = None

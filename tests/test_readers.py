@@ -175,6 +175,27 @@ def test_preprocessors_fit_on_train_and_round_trip():
         assert q.to_dict() == p.to_dict()
 
 
+def test_centred_windows_lose_each_sensor_offset_and_round_trip():
+    rng = np.random.default_rng(0)
+    names = [f"{c}_{t:03d}" for c in ("ax", "ay", "az", "wx", "wy", "wz") for t in range(20)]
+    x = rng.normal(0, 1, size=(40, 120)).astype(np.float32)
+    offsets = rng.normal(0, 5, size=(40, 6)).astype(np.float32)  # each window its own offset per sensor
+    shifted = x + np.repeat(offsets, 20, axis=1)
+    sc = StandardScaler.fit(shifted, names, per_channel=True, center_windows=True)
+    z = sc.transform(shifted)
+    assert np.allclose(z, sc.transform(x), atol=1e-5)  # the offsets are gone
+    assert np.allclose(z.reshape(40, 6, 20).mean(axis=2), 0, atol=1e-5)
+    assert np.allclose(z.reshape(40, 6, 20).transpose(1, 0, 2).reshape(6, -1).std(axis=1), 1, atol=1e-3)
+    plain = StandardScaler.fit(shifted, names, per_channel=True)
+    assert not np.allclose(plain.transform(shifted), plain.transform(x), atol=1e-2)  # without it they stay
+    q = preprocessor_from_dict(sc.to_dict())
+    assert q.center_windows and np.array_equal(q.transform(shifted), z)
+    old = {k: v for k, v in plain.to_dict().items() if k != "center_windows"}  # a bundle from before
+    assert not preprocessor_from_dict(old).center_windows
+    with pytest.raises(ValueError, match="center_windows needs channel-major time-series features"):
+        StandardScaler.fit(x[:, :4], ["a", "b", "c", "d"], center_windows=True)
+
+
 def test_grouped_split_keeps_groups_apart():
     ds = read_genomic(str(shared("genomic", "splice.csv")))
     groups = resolve_groups("id-prefix", ds)

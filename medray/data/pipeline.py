@@ -769,11 +769,11 @@ def _transform_batch(batch: pd.DataFrame, source: Source, wanted, preprocessor, 
         yield {"x": x, "y": y, "key": keys}
 
 
-def _moments_batch(batch: pd.DataFrame, source: Source, wanted, per_channel: bool):
+def _moments_batch(batch: pd.DataFrame, source: Source, wanted, per_channel: bool, center_windows: bool = False):
     from medray.preprocessing import Moments, StandardScaler
 
     for keys, x, _ in raw_rows(batch, source, wanted):
-        m = Moments.of(StandardScaler.moment_columns(x, source.feature_names, per_channel))
+        m = Moments.of(StandardScaler.moment_columns(x, source.feature_names, per_channel, center_windows))
         yield {"first": keys[:1], "n": np.array([m.n]), "mean": m.mean[None, :], "m2": m.m2[None, :]}
 
 
@@ -797,14 +797,15 @@ def dataset(source: Source, keys: np.ndarray, preprocessor, label_index: dict | 
                                      "label_index": label_index})
 
 
-def fit_table_moments(source: Source, keys: np.ndarray, per_channel: bool):
+def fit_table_moments(source: Source, keys: np.ndarray, per_channel: bool, center_windows: bool = False):
     """Moments of the training rows' features (per feature, or per channel), one partial per
     block computed on the cluster, merged here."""
     from medray.preprocessing import Moments
 
     ds, per_batch = _unit_dataset(source)
     parts = ds.map_batches(_moments_batch, batch_size=per_batch, batch_format="pandas",
-                           fn_kwargs={"source": source, "wanted": _put(keys), "per_channel": per_channel})
+                           fn_kwargs={"source": source, "wanted": _put(keys), "per_channel": per_channel,
+                                      "center_windows": center_windows})
     rows = sorted(parts.take_all(), key=lambda r: int(r["first"]))  # merged in source order: same bits every run
     if not rows:
         raise DataError(f"{source.path}: no training rows to fit preprocessing on")
