@@ -93,7 +93,12 @@ class StandardScaler:
         self.layout = layout
         self.per_channel = bool(per_channel)
         self.center_windows = bool(center_windows)
-        if self.center_windows and not layout:
+        self.check_options(layout, self.center_windows)
+
+    @staticmethod
+    def check_options(layout: dict | None, center_windows: bool) -> None:
+        """Refuse options the features cannot take (before any moments are computed for them)."""
+        if center_windows and not layout:
             raise ValueError("center_windows needs channel-major time-series features (e.g. ax_000 … wz_099)")
 
     @staticmethod

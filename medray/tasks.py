@@ -18,7 +18,7 @@ from medray.data.exercise import read_exercise
 from medray.data.genomic import read_genomic
 from medray.data.ultrasound import read_ultrasound
 from medray.errors import MedrayError
-from medray.preprocessing import ImageNormalizer, Moments, SequenceEncoder, StandardScaler
+from medray.preprocessing import ImageNormalizer, Moments, SequenceEncoder, StandardScaler, detect_layout
 
 TASKS = ("exercise", "ultrasound", "genomic")  # classifiers
 SERVED_TASKS = (*TASKS, "genomic-gan")  # what a bundle can be, and what serving deploys
@@ -70,6 +70,7 @@ def fit_preprocessor(task: str, source, keys, train_idx: np.ndarray, preset: dic
     if task == "exercise":
         per_channel = preset["preprocessing"].get("per_channel", False)
         center = preset["preprocessing"].get("center_windows", False)
+        StandardScaler.check_options(detect_layout(source.feature_names), center)  # before the cluster pass
         moments = fit_table_moments(source, keys.keys[train_idx], per_channel, center)
         return StandardScaler.from_moments(moments, source.feature_names, per_channel, center)
     if task == "ultrasound":
