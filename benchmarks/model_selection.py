@@ -43,12 +43,12 @@ CANDIDATES = [
     ("genomic", "poscnn", {"ensemble": 3}),
     ("genomic", "poscnn", {"train": {"mixup": 0.2}}),
     ("genomic", "cnn_gru", {}),
-    ("exercise", "cnn1d", {}),
+    ("exercise", "cnn1d", {}),  # each window centred per channel since 2026-12-07 (center_windows)
+    ("exercise", "cnn1d", {"preprocessing": {"per_channel": True, "center_windows": False}}),  # the default before
     ("exercise", "cnn1d", {"train": {"label_smoothing": 0.1}}),
     ("exercise", "cnn1d", {"ensemble": 1}),
     ("exercise", "cnn1d", {"train": {"batch_size": 64}}),  # the default before 2026-12-06 (now 16)
     ("exercise", "cnn1d", {"train": {"batch_size": 32}}),
-    ("exercise", "cnn1d", {"preprocessing": {"per_channel": True, "center_windows": True}}),
     ("ultrasound", "convnet", {}),
     ("ultrasound", "convnet", {"ensemble": 1}),
     ("ultrasound", "convnet", {"train": {"batch_size": 16}}),

@@ -82,7 +82,9 @@ class StandardScaler:
     mean/std per sensor channel (shared over time steps); otherwise one per feature. With
     `center_windows` (time series only), each window's own mean over time is first subtracted from
     each of its channels (a sensor's offset: gravity's share on each accelerometer axis, which
-    depends on how the watch sits on the arm), then the per-channel scaling applies."""
+    depends on how the watch sits on the arm), then the per-channel scaling applies. Like
+    `per_channel`, a fit on features without a time-series layout leaves it off (and records it off),
+    so one preset serves sensor windows and plain feature tables."""
 
     kind = "standard_scaler"
 
@@ -97,7 +99,7 @@ class StandardScaler:
 
     @staticmethod
     def check_options(layout: dict | None, center_windows: bool) -> None:
-        """Refuse options the features cannot take (before any moments are computed for them)."""
+        """Refuse a scaler whose options its features cannot take (a hand-edited bundle)."""
         if center_windows and not layout:
             raise ValueError("center_windows needs channel-major time-series features (e.g. ax_000 … wz_099)")
 
@@ -126,7 +128,7 @@ class StandardScaler:
     def from_moments(cls, moments: Moments, feature_names, per_channel=False, center_windows=False):
         """The scaler fitted on rows whose `moment_columns` have `moments` (merged on the cluster)."""
         layout = detect_layout(list(feature_names))
-        per_channel = bool(per_channel and layout)
+        per_channel, center_windows = bool(per_channel and layout), bool(center_windows and layout)
         mean, std = moments.mean, moments.std
         if per_channel:
             mean, std = np.repeat(mean, layout["steps"]), np.repeat(std, layout["steps"])

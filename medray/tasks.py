@@ -70,7 +70,6 @@ def fit_preprocessor(task: str, source, keys, train_idx: np.ndarray, preset: dic
     if task == "exercise":
         per_channel = preset["preprocessing"].get("per_channel", False)
         center = preset["preprocessing"].get("center_windows", False)
-        StandardScaler.check_options(detect_layout(source.feature_names), center)  # before the cluster pass
         moments = fit_table_moments(source, keys.keys[train_idx], per_channel, center)
         return StandardScaler.from_moments(moments, source.feature_names, per_channel, center)
     if task == "ultrasound":

@@ -192,8 +192,12 @@ def test_centred_windows_lose_each_sensor_offset_and_round_trip():
     assert q.center_windows and np.array_equal(q.transform(shifted), z)
     old = {k: v for k, v in plain.to_dict().items() if k != "center_windows"}  # a bundle from before
     assert not preprocessor_from_dict(old).center_windows
+    # a plain feature table under the same preset: the option is left off (as per_channel is) and recorded off
+    flat = StandardScaler.fit(x[:, :4], ["a", "b", "c", "d"], per_channel=True, center_windows=True)
+    assert not flat.center_windows and not preprocessor_from_dict(flat.to_dict()).center_windows
+    assert np.array_equal(flat.transform(x[:, :4]), StandardScaler.fit(x[:, :4], ["a", "b", "c", "d"]).transform(x[:, :4]))
     with pytest.raises(ValueError, match="center_windows needs channel-major time-series features"):
-        StandardScaler.fit(x[:, :4], ["a", "b", "c", "d"], center_windows=True)
+        preprocessor_from_dict({**flat.to_dict(), "center_windows": True})  # a hand-edited bundle
 
 
 def test_grouped_split_keeps_groups_apart():
