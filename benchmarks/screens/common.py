@@ -12,11 +12,12 @@ from medray.metrics import classification_metrics
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
-def fit(net, tr, batch, *, epochs, lr, wd, bs, loss_fn, mixup, gen, halves=1):
+def fit(net, tr, batch, *, epochs, lr, wd, bs, loss_fn=None, mixup=0.0, gen, halves=1, part_loss=None):
     """Train one member: AdamW, cosine schedule per step, a seeded shuffle per epoch; `batch(idx)`
     gives a step's (augmented) inputs and labels; mixup blends pairs and their losses alike. With
     `halves`, each step's rows go through the network in that many parts (their own BatchNorm
-    statistics and mixup pairs) and the parts' losses are averaged: what as many DDP workers do."""
+    statistics and mixup pairs) and the parts' losses are averaged: what as many DDP workers do.
+    `part_loss(idx)`, when given, is a part's whole loss (its own augmentation and mixing) instead."""
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=wd)
     spe = -(-len(tr) // bs)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * spe)
@@ -26,6 +27,9 @@ def fit(net, tr, batch, *, epochs, lr, wd, bs, loss_fn, mixup, gen, halves=1):
         for i in range(spe):
             loss = 0
             for part in torch.from_numpy(tr)[perm[i * bs:(i + 1) * bs]].chunk(halves):
+                if part_loss is not None:
+                    loss = loss + part_loss(part) / halves
+                    continue
                 x, yb = batch(part)
                 if mixup:
                     lam = float(np.random.default_rng(ep * 1000 + i).beta(mixup, mixup))

@@ -79,28 +79,19 @@ def run_joint(name, halves=2, own=False, members=3, epochs=40, lr=3e-3, wd=0.01,
         torch.manual_seed(0); gen = torch.Generator().manual_seed(1000)
         member = {"name": "convnet", "params": {"widths": [16, 32, 64, 128], "dropout": 0.3}}
         net = build_model({"name": "ensemble", "params": {"members": members, "member": member}}, [1, size, size], 3)
-        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=wd)
-        spe = -(-len(tr) // bs)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * spe)
 
         def blended(z, y1, y2, lam):
             return lam * loss_fn(z, y1) + (1 - lam) * loss_fn(z, y2)
 
-        for ep in range(epochs):
-            net.train()
-            perm = torch.randperm(len(tr), generator=gen)
-            for i in range(spe):
-                loss = 0
-                for part in torch.from_numpy(tr)[perm[i * bs:(i + 1) * bs]].chunk(halves):
-                    if own:
-                        views = [mix(augment_batch(X[part], aug, [1, size, size], gen), Y[part], mixup, gen)
-                                 for _ in range(members)]
-                        total = sum(blended(mem(v[0]), *v[1:]) for mem, v in zip(net.members, views))
-                    else:
-                        xa, y1, y2, lam = mix(augment_batch(X[part], aug, [1, size, size], gen), Y[part], mixup, gen)
-                        total = torch.stack([blended(z, y1, y2, lam) for z in net(xa, members=True)]).sum()
-                    loss = loss + total / halves
-                opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+        def part_loss(part):
+            if own:
+                views = [mix(augment_batch(X[part], aug, [1, size, size], gen), Y[part], mixup, gen)
+                         for _ in range(members)]
+                return sum(blended(mem(v[0]), *v[1:]) for mem, v in zip(net.members, views))
+            xa, y1, y2, lam = mix(augment_batch(X[part], aug, [1, size, size], gen), Y[part], mixup, gen)
+            return torch.stack([blended(z, y1, y2, lam) for z in net(xa, members=True)]).sum()
+
+        fit(net, tr, None, epochs=epochs, lr=lr, wd=wd, bs=bs, gen=gen, halves=halves, part_loss=part_loss)
         net.eval()
         with torch.no_grad():
             p = torch.softmax(net(X[va]), 1).numpy()
