@@ -24,7 +24,7 @@ groups = man.dup_group.astype(str).to_numpy(); conflict = man.label_conflict.to_
 IM = np.stack([np.asarray(Image.open(D + p).convert("L").resize((128, 128))) for p in lab.path]).astype(np.float32) / 255
 
 def run(name, model="convnet", params=None, epochs=40, lr=3e-3, wd=0.01, bs=64, aug=None, ls=0.0, mixup=0.0,
-        members=1, exclude=False, size=128, folds=range(5), tta=False, save=None):
+        members=1, exclude=False, size=128, folds=range(5), tta=False, save=None, inorm=False):
     params = params or {"widths": [16, 32, 64, 128], "dropout": 0.3}
     aug = {"hflip": True, "shift": 0.06, "brightness": 0.1} if aug is None else aug
     res = []
@@ -34,6 +34,8 @@ def run(name, model="convnet", params=None, epochs=40, lr=3e-3, wd=0.01, bs=64, 
         if exclude: tr = tr[~conflict[tr]]
         X = torch.from_numpy(IM)
         if size != 128: X = torch.nn.functional.interpolate(X[:, None], size=(size, size), mode="area")[:, 0]
+        if inorm:  # each image standardised by its own mean and sd (a scanner's gain and brightness removed)
+            X = (X - X.mean((1, 2), keepdim=True)) / X.std((1, 2), keepdim=True).clamp_min(1e-6)
         m, s = X[tr].mean(), X[tr].std()
         X = ((X - m) / s)[:, None]
         Y = torch.from_numpy(y_all)
