@@ -43,9 +43,21 @@ def joint_loss(base):
     return lambda out, y: sum(base(z, y) for z in out.split(len(labels), dim=1))
 
 
+def axis_rotate(x, degrees, axis, gen):
+    """Each window's accelerometer and gyroscope triplets rotated by one random angle (± degrees)
+    about one sensor axis (0, 1, 2: x, y, z) only, as a watch turned about that axis would read."""
+    n = len(x)
+    a = (torch.rand(n, generator=gen) * 2 - 1) * np.radians(degrees)
+    c, s_ = torch.cos(a), torch.sin(a)
+    i, j = [k for k in range(3) if k != axis]
+    r = torch.zeros(n, 3, 3); r[:, axis, axis] = 1
+    r[:, i, i], r[:, i, j], r[:, j, i], r[:, j, j] = c, -s_, s_, c
+    return torch.cat([torch.einsum("nij,njt->nit", r, x[:, 0:3]), torch.einsum("nij,njt->nit", r, x[:, 3:6])], 1)
+
+
 def run(name, params=None, epochs=30, lr=1e-3, wd=1e-4, bs=128, aug=None, ls=0.0, members=3, mirror=0.0,
         rotate=0.0, inorm=False, folds=range(5), mixup=0.0, tta_mirror=False, norms=False, save=None, halves=1,
-        joint=False):
+        joint=False, axis=None):
     params = params or {"channels": [32, 64, 64], "kernel_size": 7, "dropout": 0.3, "pool": 2}
     aug = {"time_shift": 0.5, "scale": 0.1} if aug is None else aug
     res = []
@@ -71,7 +83,9 @@ def run(name, params=None, epochs=30, lr=1e-3, wd=1e-4, bs=128, aug=None, ls=0.0
                 if mirror:
                     flip = (torch.rand(n, generator=gen) < mirror).float()[:, None, None]
                     x = x * (1 - flip) + x * SIGN * flip
-                if rotate:  # in sensor units, before standardising (the training loop undoes its scaler)
+                if rotate and axis is not None:
+                    x = axis_rotate(x, rotate, axis, gen)
+                elif rotate:  # in sensor units, before standardising (the training loop undoes its scaler)
                     x = augment_batch(x.reshape(n, -1), {"rotate": rotate}, [6, 100], gen).reshape(n, 6, 100)
                 x = (x - m) / s
                 if norms: x = torch.cat([x, (NR[idx] - nm) / ns], 1)
