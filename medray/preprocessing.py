@@ -95,12 +95,7 @@ class StandardScaler:
         self.layout = layout
         self.per_channel = bool(per_channel)
         self.center_windows = bool(center_windows)
-        self.check_options(layout, self.center_windows)
-
-    @staticmethod
-    def check_options(layout: dict | None, center_windows: bool) -> None:
-        """Refuse a scaler whose options its features cannot take (a hand-edited bundle)."""
-        if center_windows and not layout:
+        if self.center_windows and not layout:  # fits leave it off; only a hand-edited bundle gets here
             raise ValueError("center_windows needs channel-major time-series features (e.g. ax_000 … wz_099)")
 
     @staticmethod

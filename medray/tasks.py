@@ -18,7 +18,7 @@ from medray.data.exercise import read_exercise
 from medray.data.genomic import read_genomic
 from medray.data.ultrasound import read_ultrasound
 from medray.errors import MedrayError
-from medray.preprocessing import ImageNormalizer, Moments, SequenceEncoder, StandardScaler, detect_layout
+from medray.preprocessing import ImageNormalizer, Moments, SequenceEncoder, StandardScaler
 
 TASKS = ("exercise", "ultrasound", "genomic")  # classifiers
 SERVED_TASKS = (*TASKS, "genomic-gan")  # what a bundle can be, and what serving deploys
